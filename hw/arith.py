@@ -1,0 +1,64 @@
+"""Small combinational building blocks shared by the engines."""
+
+from amaranth.hdl import Cat, Const, Shape, unsigned
+
+
+def bits_for(value):
+    """Bits of an unsigned number able to hold ``0 .. value``."""
+    return max(1, int(value).bit_length())
+
+
+def popcount(value):
+    """Number of set bits of ``value``, as a balanced adder tree (width grows per level)."""
+    terms = [value[i] for i in range(len(value))]
+    if not terms:
+        return Const(0, 1)
+    while len(terms) > 1:
+        nxt = []
+        for i in range(0, len(terms) - 1, 2):
+            a, b = terms[i], terms[i + 1]
+            width = max(Shape.cast(a.shape()).width, Shape.cast(b.shape()).width) + 1
+            nxt.append((a + b).as_unsigned()[:width])
+        if len(terms) % 2:
+            nxt.append(terms[-1])
+        terms = nxt
+    return terms[0]
+
+
+def ge_threshold_count(value, thresholds, invert):
+    """How many of ``thresholds`` are met: sum over i of ``(value >= thresholds[i]) ^ invert``.
+
+    This is the hardware form of a QMD threshold: a ``x <= t`` comparison is stored as
+    ``not (x >= t + 1)`` (``invert`` set), so one kind of comparator serves both directions.
+    """
+    met = Cat(*[(value >= t) ^ invert for t in thresholds])
+    return popcount(met)
+
+
+def to_ge_thresholds(thresholds, direction, scale=1, offset=0):
+    """Convert QMD thresholds to the ``>=``-only form used by the hardware.
+
+    The hardware compares ``h`` where the spec's value is ``x = scale*h + offset``
+    (``scale`` > 0). Returns ``(ge [C][T] ints, invert [C] bools)`` such that
+    ``x >= t  <=>  h >= ge`` for direction +1 and ``x <= t  <=>  not (h >= ge)`` for -1.
+    Exact integer arithmetic (floor/ceil of rationals).
+    """
+    assert scale > 0
+    ge, inv = [], []
+    for row, d in zip(thresholds, direction):
+        if d > 0:   # scale*h + offset >= t  <=>  h >= ceil((t - offset)/scale)
+            ge.append([-((offset - int(t)) // scale) for t in row])
+            inv.append(False)
+        else:       # scale*h + offset <= t  <=>  h <= floor((t - offset)/scale)  <=> not h >= floor(..)+1
+            ge.append([(int(t) - offset) // scale + 1 for t in row])
+            inv.append(True)
+    return ge, inv
+
+
+def threshold_shape(ge_rows, lo, hi):
+    """Shape able to hold every ``>=`` threshold and every compared value in ``[lo, hi]``."""
+    flat = [v for r in ge_rows for v in r] + [lo, hi]
+    return Shape.cast(range(min(flat), max(flat) + 1))
+
+
+__all__ = ["bits_for", "popcount", "ge_threshold_count", "to_ge_thresholds", "threshold_shape", "unsigned"]

@@ -1,0 +1,71 @@
+"""Per-layer folding (PE, SIMD): reading, validating and defaulting ``folding.json``.
+
+Format (``models/zoo/<model>/folding.json``)::
+
+    {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 16, "simd": 49}, ...}}
+
+Every ``dense`` layer needs an entry: ``pe`` must divide its output features and
+``simd`` its input features. Errors name the file, the layer and the field.
+"""
+
+import json
+from pathlib import Path
+
+from qnnfab.errors import QnnfabError
+
+FORMAT = "qnnfab-folding"
+FILENAME = "folding.json"
+FOLDED_KINDS = ("dense",)
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def load_folding(path, qmd):
+    """Read ``path`` and validate it against ``qmd``; returns ``{layer: {"pe", "simd"}}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise QnnfabError("folding file not found", where=str(path))
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QnnfabError(f"not valid JSON: {e}", where=str(path)) from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise QnnfabError(f"field 'format' must be {FORMAT!r}", where=str(path))
+    return validate_folding(doc.get("layers"), qmd, where=str(path))
+
+
+def validate_folding(layers, qmd, where="<folding>"):
+    if not isinstance(layers, dict):
+        raise QnnfabError("field 'layers' must be an object of layer name -> {pe, simd}", where=where)
+    known = {l.name: l for l in qmd.layers}
+    for name in layers:
+        if name not in known:
+            raise QnnfabError(f"layer '{name}': no such layer in model '{qmd.name}'", where=where)
+        if known[name].kind not in FOLDED_KINDS:
+            raise QnnfabError(f"layer '{name}': a {known[name].kind} layer takes no folding", where=where)
+    out = {}
+    for layer in qmd.layers:
+        if layer.kind not in FOLDED_KINDS:
+            continue
+        entry = layers.get(layer.name)
+        if not isinstance(entry, dict):
+            raise QnnfabError(f"layer '{layer.name}': missing folding entry {{\"pe\": .., \"simd\": ..}}",
+                              where=where)
+        m, n = layer.attrs["out_features"], layer.attrs["in_features"]
+        for fld, total, what in (("pe", m, "output features"), ("simd", n, "input features")):
+            v = entry.get(fld)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise QnnfabError(f"layer '{layer.name}' field '{fld}': must be a positive integer, got {v!r}",
+                                  where=where)
+            if total % v:
+                raise QnnfabError(f"layer '{layer.name}' field '{fld}': {total} {what} are not divisible by "
+                                  f"{fld.upper()}={v} (divisors: {_divisors(total)})", where=where)
+        out[layer.name] = {"pe": entry["pe"], "simd": entry["simd"]}
+    return out
+
+
+def minimal_folding(qmd):
+    """PE = SIMD = 1 everywhere: the smallest (slowest) design. Used when no folding file exists."""
+    return {l.name: {"pe": 1, "simd": 1} for l in qmd.layers if l.kind in FOLDED_KINDS}

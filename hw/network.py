@@ -1,0 +1,200 @@
+"""Compose a QMD and a folding into one streaming dataflow accelerator.
+
+:func:`plan_network` maps the QMD's layers onto hardware stages (a ``dense`` layer and
+the ``threshold`` after it fuse into one MVTU; width converters join stages whose beat
+widths differ) and computes each stage's cycles per frame. :class:`Accelerator` is
+the Amaranth component built from that plan.
+
+Top-level stream interface
+  ``pixels``: ``L`` input integers per beat (the first engine's SIMD), the frame's
+  channels-last tensor in row-major order.
+  ``result``: one beat per frame, ``{"cls", "logits"}`` (see :mod:`hw.argmax_output`).
+  ``tap_<stage>`` (with ``taps=True``): read-only copies of each inner stream's
+  ``valid``/``ready``/``payload``, so a test bench can compare every layer's output.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from amaranth.hdl import Module, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hw.argmax_output import ArgmaxOutput, result_layout
+from hw.arith import bits_for, to_ge_thresholds
+from hw.threshold_unit import ThresholdUnit
+from hw.width_converter import StreamWidthConverter
+from hw.xnor_mvtu import XnorMVTU
+from qnnfab.errors import QnnfabError
+
+
+@dataclass
+class Stage:
+    """One hardware stage of the pipeline and what it produces per frame."""
+
+    name: str                 # stage name (the QMD layer it implements, or dwc_<a>_<b>)
+    engine: str               # threshold_unit | xnor_mvtu | width_converter | argmax_output
+    layers: list              # the QMD layers it implements (empty for a width converter)
+    in_lanes: int
+    out_lanes: int
+    out_elems: int            # output elements per frame
+    out_shape: object         # Amaranth shape of one output element
+    out_act: object = None    # models.qmd.Act of the output (None for the final result)
+    cycles_per_frame: int = 0
+    pe: int = None
+    simd: int = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def compared_layer(self):
+        """The QMD layer whose reference output this stage's stream must equal."""
+        return self.layers[-1] if self.layers else None
+
+
+def _unsupported(qmd, layer, what):
+    where = str(qmd.path / "qmd.json") if qmd.path else qmd.name
+    raise QnnfabError(f"layer '{layer.name}': {what}", where=where)
+
+
+def plan_network(qmd, folding):
+    """Return the list of :class:`Stage` for ``qmd`` folded by ``folding``."""
+    layers = qmd.layers
+    if layers[-1].kind != "argmax":
+        _unsupported(qmd, layers[-1], "the last layer must be 'argmax' (the accelerator outputs a class)")
+    stages = []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        elems = int(np.prod(layer.out_shape)) if layer.out_shape else 1
+        if layer.kind == "threshold":
+            stages.append(Stage(layer.name, "threshold_unit", [layer], None, None, elems,
+                                unsigned(bits_for(len(layer.arrays["thresholds"][0]))), layer.out_act))
+            i += 1
+        elif layer.kind == "dense":
+            if layer.in_act.kind != "binary":
+                _unsupported(qmd, layer, f"dense layers with {layer.in_act.kind} inputs have no engine yet "
+                             "(supported: binary weights x binary activations)")
+            f = folding[layer.name]
+            pe, simd = f["pe"], f["simd"]
+            m, n = layer.attrs["out_features"], layer.attrs["in_features"]
+            fused = [layer]
+            if nxt is not None and nxt.kind == "threshold":
+                fused.append(nxt)
+                out_act = nxt.out_act
+                out_shape = unsigned(bits_for(len(nxt.arrays["thresholds"][0])))
+            else:
+                out_act = layer.out_act
+                out_shape = signed(bits_for(n) + 1)
+            stages.append(Stage(fused[-1].name, "xnor_mvtu", fused, simd, pe, m, out_shape, out_act,
+                                cycles_per_frame=(m // pe) * (n // simd), pe=pe, simd=simd))
+            i += len(fused)
+        elif layer.kind == "argmax":
+            prev = stages[-1] if stages else None
+            if prev is None or prev.engine != "xnor_mvtu" or prev.out_act.kind != "int":
+                _unsupported(qmd, layer, "argmax must follow a dense layer that outputs integer logits")
+            classes = layer.in_shape[0]
+            stages.append(Stage(layer.name, "argmax_output", [layer], prev.out_lanes, 1, 1, None, None,
+                                cycles_per_frame=classes // prev.out_lanes,
+                                params={"classes": classes, "logit_shape": prev.out_shape}))
+            i += 1
+        else:  # the QMD loader admits no other kind; this guards future kinds without an engine
+            _unsupported(qmd, layer, f"layer kind '{layer.kind}' has no hardware engine")
+
+    # threshold units take the width of their consumer; the first stage sets the input width
+    for k in range(len(stages) - 1, -1, -1):
+        s = stages[k]
+        if s.engine == "threshold_unit":
+            lanes = stages[k + 1].in_lanes if k + 1 < len(stages) else 1
+            channels = len(s.layers[0].arrays["thresholds"])
+            if channels % lanes and lanes % channels:
+                _unsupported(qmd, s.layers[0], f"{channels} channels and the consumer's {lanes} lanes per beat "
+                             "must divide one another")
+            s.in_lanes = s.out_lanes = lanes
+            s.cycles_per_frame = s.out_elems // lanes
+
+    # join stages of different widths
+    joined = [stages[0]]
+    for s in stages[1:]:
+        prev = joined[-1]
+        if prev.out_lanes != s.in_lanes:
+            a, b = prev.out_lanes, s.in_lanes
+            if a % b and b % a:
+                where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                raise QnnfabError(f"layer '{s.layers[0].name}' field 'simd': SIMD={b} and the previous stage's "
+                                  f"{a} elements per beat must divide one another", where=where)
+            joined.append(Stage(f"dwc_{prev.name}_{s.name}", "width_converter", [], a, b, prev.out_elems,
+                                prev.out_shape, prev.out_act,
+                                cycles_per_frame=max(prev.out_elems // a, prev.out_elems // b)))
+        joined.append(s)
+    return joined
+
+
+def frame_cycles(stages):
+    """Analytic cycles per frame of the pipeline: its slowest stage."""
+    return max(s.cycles_per_frame for s in stages)
+
+
+def _tap_signature(shape):
+    return wiring.Signature({"valid": Out(1), "ready": Out(1), "payload": Out(shape)})
+
+
+def stage_payload_shape(stage):
+    return data.ArrayLayout(stage.out_shape, stage.out_lanes)
+
+
+class Accelerator(wiring.Component):
+    """The whole network as one stream pipeline; see the module docstring."""
+
+    def __init__(self, qmd, folding, *, taps=False):
+        self.qmd = qmd
+        self.stages = plan_network(qmd, folding)
+        self.taps = taps
+        first, last = self.stages[0], self.stages[-1]
+        in_act = qmd.input_act
+        self.pixel_shape = unsigned(8) if in_act.lo == 0 else signed(8)
+        members = {
+            "pixels": In(stream.Signature(data.ArrayLayout(self.pixel_shape, first.in_lanes))),
+            "result": Out(stream.Signature(result_layout(last.params["classes"], last.params["logit_shape"]))),
+        }
+        if taps:
+            for s in self.stages[:-1]:
+                members[f"tap_{s.name}"] = Out(_tap_signature(stage_payload_shape(s)))
+        super().__init__(members)
+
+    def _engine(self, s):
+        layer = s.layers[0] if s.layers else None
+        if s.engine == "threshold_unit":
+            return ThresholdUnit(self.pixel_shape if layer is self.qmd.layers[0] else s.out_shape,
+                                 layer.arrays["thresholds"], layer.arrays["direction"],
+                                 lanes=s.in_lanes, in_range=(layer.in_act.lo, layer.in_act.hi))
+        if s.engine == "xnor_mvtu":
+            thresholds = None
+            if len(s.layers) == 2:
+                thr = s.layers[1]
+                n = layer.attrs["in_features"]
+                # spec: dot = 2*P - N, with P the popcount the engine accumulates
+                thresholds = to_ge_thresholds(thr.arrays["thresholds"], thr.arrays["direction"], scale=2, offset=-n)
+            return XnorMVTU(layer.weights, pe=s.pe, simd=s.simd, thresholds=thresholds)
+        if s.engine == "width_converter":
+            return StreamWidthConverter(s.out_shape, s.in_lanes, s.out_lanes)
+        if s.engine == "argmax_output":
+            return ArgmaxOutput(s.params["logit_shape"], s.params["classes"], lanes=s.in_lanes)
+        raise AssertionError(s.engine)
+
+    def elaborate(self, platform):
+        m = Module()
+        prev_out = None
+        for k, s in enumerate(self.stages):
+            eng = self._engine(s)
+            m.submodules[s.name] = eng
+            if prev_out is None:
+                wiring.connect(m, wiring.flipped(self.pixels), eng.i)
+            else:
+                wiring.connect(m, prev_out, eng.i)
+            if self.taps and k < len(self.stages) - 1:
+                tap = getattr(self, f"tap_{s.name}")
+                m.d.comb += [tap.valid.eq(eng.o.valid), tap.ready.eq(eng.o.ready), tap.payload.eq(eng.o.payload)]
+            prev_out = eng.o
+        wiring.connect(m, prev_out, wiring.flipped(self.result))
+        return m

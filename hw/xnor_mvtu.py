@@ -1,0 +1,205 @@
+"""XNOR-popcount matrix-vector-threshold unit (MVTU) for binary weights and activations.
+
+Computes, for each input vector ``x`` (N values in {-1,+1}) and binary weight matrix
+``W`` (M x N, {-1,+1}): the popcount ``P[m] = #{n : W[m,n] == x[n]}`` (so the spec's
+dot product is ``2*P - N``), then either
+
+* thresholds it into the next layer's activations (``thresholds`` given, in the
+  hardware's ``>=`` form on ``P``; one threshold -> one bit, 2^b-1 -> a b-bit count), or
+* emits the signed dot products ``2*P - N`` (the final layer's integer logits).
+
+Folding: ``PE`` output channels in parallel, ``SIMD`` inputs per PE per cycle;
+``NF = M/PE`` neuron folds, ``SF = N/SIMD`` synapse folds, ``NF*SF`` cycles per vector.
+
+Stream interface
+  ``i``: ``SIMD`` bits per beat (bit 1 = +1); one vector = ``SF`` beats, element ``k`` of
+  beat ``s`` is ``x[s*SIMD + k]``.
+  ``o``: ``PE`` elements per beat; one vector = ``NF`` beats, element ``p`` of beat ``f`` is
+  output channel ``f*PE + p``.
+
+The input vector is double-buffered (two banks in one ``lib.memory``) so the next
+vector streams in while the current one is being processed: in steady state the unit
+is busy every cycle. Weights sit in a ``lib.memory`` of depth ``NF*SF`` and width
+``PE*SIMD``, thresholds in one of depth ``NF``. Back-pressure on ``o`` stalls the whole
+pipeline; nothing is lost or duplicated.
+"""
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hw.arith import bits_for, ge_threshold_count, popcount
+
+
+def _check_fold(name, total, par, what):
+    if not isinstance(par, int) or par < 1:
+        raise ValueError(f"{what} must be a positive integer, got {par!r}")
+    if total % par:
+        raise ValueError(f"{name}: {total} is not divisible by {what}={par}")
+
+
+class XnorMVTU(wiring.Component):
+    """Binary (XNOR-popcount) matrix-vector(-threshold) unit; see the module docstring.
+
+    Parameters
+    ----------
+    weights : array [M, N] of -1/+1
+    pe, simd : folding
+    thresholds : None, or ``(ge, invert)``: ``ge`` [M][T] ints on the popcount ``P``,
+        ``invert`` [M] bools (see :func:`hw.arith.to_ge_thresholds`)
+    """
+
+    def __init__(self, weights, *, pe, simd, thresholds=None):
+        w = np.asarray(weights)
+        if w.ndim != 2 or not np.isin(w, (-1, 1)).all():
+            raise ValueError("weights must be a 2-D array of -1/+1")
+        self.m, self.n = w.shape
+        _check_fold("output channels", self.m, pe, "PE")
+        _check_fold("input features", self.n, simd, "SIMD")
+        self.pe, self.simd = pe, simd
+        self.nf, self.sf = self.m // pe, self.n // simd
+        self.weights = w
+        self.acc_shape = unsigned(bits_for(self.n))
+        if thresholds is not None:
+            ge, invert = thresholds
+            ge = np.asarray(ge, dtype=np.int64).reshape(self.m, -1)
+            if len(invert) != self.m:
+                raise ValueError(f"thresholds: expected {self.m} invert flags, got {len(invert)}")
+            self.n_thresholds = ge.shape[1]
+            # ge thresholds outside [0, N+1] behave like 0 / N+1; clamp so they fit the comparator
+            self.ge = np.clip(ge, 0, self.n + 1)
+            self.invert = [bool(v) for v in invert]
+            self.thr_shape = unsigned(bits_for(self.n + 1))
+            out_elem = unsigned(bits_for(self.n_thresholds))
+        else:
+            self.n_thresholds = 0
+            out_elem = signed(bits_for(self.n) + 1)
+        self.out_elem = out_elem
+        super().__init__({
+            "i": In(stream.Signature(data.ArrayLayout(unsigned(1), simd))),
+            "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
+        })
+
+    @property
+    def cycles_per_vector(self):
+        return self.nf * self.sf
+
+    def weight_words(self):
+        """Weight memory contents: word ``f*SF + s`` holds, at bits ``p*SIMD + k``, the bit
+        of ``W[f*PE + p, s*SIMD + k]``."""
+        bits = (self.weights > 0).astype(np.uint64)
+        words = []
+        for f in range(self.nf):
+            for s in range(self.sf):
+                word = 0
+                for p in range(self.pe):
+                    row = bits[f * self.pe + p, s * self.simd:(s + 1) * self.simd]
+                    word |= int(sum(int(b) << k for k, b in enumerate(row))) << (p * self.simd)
+                words.append(word)
+        return words
+
+    def threshold_words(self):
+        """Threshold memory contents: word ``f`` holds, for each PE ``p`` and threshold ``t``,
+        the ``>=`` threshold of channel ``f*PE + p``, then the PE invert flags."""
+        tw = self.thr_shape.width
+        words = []
+        for f in range(self.nf):
+            word, pos = 0, 0
+            for p in range(self.pe):
+                for t in range(self.n_thresholds):
+                    word |= int(self.ge[f * self.pe + p, t]) << pos
+                    pos += tw
+            for p in range(self.pe):
+                word |= int(self.invert[f * self.pe + p]) << pos
+                pos += 1
+            words.append(word)
+        return words
+
+    def elaborate(self, platform):
+        m = Module()
+        pe, simd, nf, sf = self.pe, self.simd, self.nf, self.sf
+
+        # ---- input vector: two banks of SF words, written by the stream, read by the engine
+        m.submodules.inbuf = inbuf = memory.Memory(shape=unsigned(simd), depth=2 * sf, init=[])
+        in_wr = inbuf.write_port()
+        in_rd = inbuf.read_port()
+        full = Array([Signal(name="bank0_full"), Signal(name="bank1_full")])
+        wsel = Signal()
+        wcnt = Signal(range(sf))
+        m.d.comb += [
+            self.i.ready.eq(~full[wsel]),
+            in_wr.addr.eq(wsel * sf + wcnt),
+            in_wr.data.eq(self.i.payload.as_value()),
+            in_wr.en.eq(self.i.valid & self.i.ready),
+        ]
+        with m.If(self.i.valid & self.i.ready):
+            with m.If(wcnt == sf - 1):
+                m.d.sync += [wcnt.eq(0), full[wsel].eq(1), wsel.eq(~wsel)]
+            with m.Else():
+                m.d.sync += wcnt.eq(wcnt + 1)
+
+        # ---- weights and thresholds
+        m.submodules.wmem = wmem = memory.Memory(shape=unsigned(pe * simd), depth=nf * sf,
+                                                 init=self.weight_words())
+        w_rd = wmem.read_port()
+        if self.n_thresholds:
+            tword = pe * self.n_thresholds * self.thr_shape.width + pe
+            m.submodules.tmem = tmem = memory.Memory(shape=unsigned(tword), depth=nf,
+                                                     init=self.threshold_words())
+            t_rd = tmem.read_port()
+
+        # ---- stage A: issue reads
+        advance = Signal()            # the whole pipeline moves this cycle
+        rsel = Signal()
+        nf_a = Signal(range(nf))
+        sf_a = Signal(range(sf))
+        valid_a = Signal()
+        m.d.comb += valid_a.eq(full[rsel])
+        m.d.comb += [
+            w_rd.addr.eq(nf_a * sf + sf_a),
+            w_rd.en.eq(advance),
+            in_rd.addr.eq(rsel * sf + sf_a),
+            in_rd.en.eq(advance),
+        ]
+        if self.n_thresholds:
+            m.d.comb += [t_rd.addr.eq(nf_a), t_rd.en.eq(advance)]
+        with m.If(advance & valid_a):
+            with m.If(sf_a == sf - 1):
+                m.d.sync += sf_a.eq(0)
+                with m.If(nf_a == nf - 1):
+                    m.d.sync += [nf_a.eq(0), full[rsel].eq(0), rsel.eq(~rsel)]
+                with m.Else():
+                    m.d.sync += nf_a.eq(nf_a + 1)
+            with m.Else():
+                m.d.sync += sf_a.eq(sf_a + 1)
+
+        # ---- stage B: XNOR-popcount and accumulate
+        valid_b, first_b, last_b = Signal(), Signal(), Signal()
+        with m.If(advance):
+            m.d.sync += [valid_b.eq(valid_a), first_b.eq(sf_a == 0), last_b.eq(sf_a == sf - 1)]
+        acc = [Signal(self.acc_shape, name=f"acc{p}") for p in range(pe)]
+        total = [Signal(self.acc_shape, name=f"total{p}") for p in range(pe)]
+        for p in range(pe):
+            match = ~(in_rd.data ^ w_rd.data[p * simd:(p + 1) * simd])
+            m.d.comb += total[p].eq(popcount(match) + Mux(first_b, 0, acc[p]))
+            with m.If(advance & valid_b):
+                m.d.sync += acc[p].eq(total[p])
+
+        # ---- stage C: threshold (or dot product) into the output register
+        results = []
+        for p in range(pe):
+            if self.n_thresholds:
+                tw = self.thr_shape.width
+                base = p * self.n_thresholds * tw
+                thr = [t_rd.data[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
+                inv = t_rd.data[pe * self.n_thresholds * tw + p]
+                results.append(ge_threshold_count(total[p], thr, inv))
+            else:
+                results.append((total[p] << 1) - self.n)   # the spec's dot = 2P - N
+        m.d.comb += advance.eq(~self.o.valid | self.o.ready)
+        with m.If(advance):
+            m.d.sync += self.o.valid.eq(valid_b & last_b)
+            with m.If(valid_b & last_b):
+                m.d.sync += [self.o.payload[p].eq(results[p]) for p in range(pe)]
+        return m

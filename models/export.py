@@ -1,0 +1,251 @@
+"""Export a trained binary network to a QMD: batch norm + sign folded into integer thresholds.
+
+``python -m models.export --model bnn_mnist`` reads ``runs/bnn_mnist/ckpt.pt``, measures
+the float QAT model's accuracy on the 10,000 test images, writes
+``models/zoo/bnn_mnist/`` (``qmd.json`` + ``qmd.npz``), runs the integer
+:class:`~models.reference.ReferenceModel` on the description just written, and records
+both accuracies in its provenance.
+
+Folding (FINN's trick). A hidden layer computes, in float, ``y = k*(alpha*dot - mean) +
+beta`` with ``k = gamma/sqrt(var+eps)`` and outputs ``+1`` iff ``y >= 0``. For ``k > 0``
+that is ``dot >= ceil(t)`` with ``t = (mean - beta/k)/alpha`` (direction +1); for
+``k < 0`` it is ``dot <= floor(t)`` (direction -1); for ``k == 0`` the output is the
+constant ``beta >= 0``, written as a threshold outside the reachable range. Everything is
+computed in float64, checked against ``y >= 0`` for every reachable dot value, and
+clamped to ``[-N-1, N+1]`` (``N`` = fan-in).
+"""
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.data import DATASETS, load_dataset
+from models.nets import SFC, build_model
+from models.qmd import save_qmd
+from models.reference import ReferenceModel
+from models.train import CKPT, THREADS, default_run_dir, load_checkpoint
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import DATA_DIR, REPO_ROOT, ZOO_DIR
+
+
+# --------------------------------------------------------------------------- folding
+
+def fold_bn_sign(k, mean, beta, alpha, n):
+    """Integer thresholds equivalent to ``sign(k*(alpha*dot - mean) + beta)`` (sign(0)=+1)
+    for every integer ``dot`` in ``[-n, n]``.
+
+    ``k``, ``mean``, ``beta``, ``alpha`` are per-channel ``[C]`` (``alpha >= 0``).
+    Returns ``(thresholds int64 [C], direction int64 [C])``: channel ``c`` outputs ``+1``
+    iff ``dot >= thresholds[c]`` (direction +1) or ``dot <= thresholds[c]`` (-1).
+    Thresholds lie in ``[-n-1, n+1]``.
+    """
+    k, mean, beta, alpha = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (k, mean, beta, alpha))
+    if (alpha < 0).any() or not np.isfinite(np.concatenate([k, mean, beta, alpha])).all():
+        raise ValueError("alpha must be >= 0 and all parameters finite")
+    lo, hi = -n - 1, n + 1
+    slope = np.sign(k) * (alpha > 0)        # sign of dy/d(dot)
+    up = slope >= 0                         # constant channels are written as direction +1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (mean - beta / k) / alpha
+    thr = np.where(slope > 0, np.ceil(t), np.where(slope < 0, np.floor(t), 0.0))
+    const_met = beta + k * (-mean) * (alpha == 0) >= 0   # value of y when slope == 0
+    thr = np.where(slope == 0, np.where(const_met, lo, hi), thr)
+    thr = np.clip(np.nan_to_num(thr, nan=0.0, posinf=hi, neginf=lo), lo, hi).astype(np.int64)
+    direction = np.where(up, 1, -1).astype(np.int64)
+
+    # exact check against the float64 formula for every reachable dot value; a channel
+    # whose t is within rounding of an integer may need its threshold moved by one
+    dots = np.arange(-n, n + 1, dtype=np.float64)
+    met = k[:, None] * (alpha[:, None] * dots[None, :] - mean[:, None]) + beta[:, None] >= 0
+    got = np.where(up[:, None], dots[None, :] >= thr[:, None], dots[None, :] <= thr[:, None])
+    for c in np.flatnonzero((met != got).any(axis=1)):
+        row = met[c]
+        if up[c]:
+            new = int(dots[np.argmax(row)]) if row.any() else hi
+            ok = np.array_equal(row, dots >= new)
+        else:
+            new = int(dots[len(row) - 1 - np.argmax(row[::-1])]) if row.any() else lo
+            ok = np.array_equal(row, dots <= new)
+        if not ok:  # cannot happen: y is monotone in dot (IEEE operations are monotone)
+            raise AssertionError(f"channel {c}: sign(BN) is not monotone in the dot product")
+        thr[c] = new
+    return thr, direction
+
+
+def bn_coefficients(bn):
+    """``(k, mean, beta)`` in float64 of an eval-mode ``BatchNorm1d``: ``y = k*(x-mean)+beta``."""
+    var = bn.running_var.detach().double()
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(var)
+    k = gamma / torch.sqrt(var + bn.eps)
+    return k.numpy(), bn.running_mean.detach().double().numpy(), beta.numpy()
+
+
+def binary_weights(fc):
+    """The -1/+1 int8 weights ``[out, in]`` a :class:`BinaryLinear` uses (``W >= 0`` -> +1)."""
+    return np.where(fc.weight.detach().numpy() >= 0, 1, -1).astype(np.int8)
+
+
+# --------------------------------------------------------------------------- QMD layers
+
+def sfc_layers(model, input_shape):
+    """QMD layer dicts (for :func:`models.qmd.save_qmd`) of an :class:`SFC` model."""
+    if not isinstance(model, SFC):
+        raise TypeError(f"expected an SFC model, got {type(model).__name__}")
+    channels = input_shape[-1]
+    if int(np.prod(input_shape)) != model.in_features:
+        raise ValueError(f"input shape {input_shape} does not match the model's {model.in_features} inputs")
+    layers = [{"name": "binarize", "kind": "threshold", "out": {"kind": "binary"},
+               "arrays": {"thresholds": np.full((channels, 1), model.in_threshold, dtype=np.int64),
+                          "direction": np.ones(channels, dtype=np.int64)}}]
+    for i, (fc, bn) in enumerate(zip(model.fcs, model.bns)):
+        layers.append(_dense(f"fc{i}", fc))
+        k, mean, beta = bn_coefficients(bn)
+        alpha = fc.alpha().detach().double().numpy()
+        thr, direction = fold_bn_sign(k, mean, beta, alpha, fc.in_features)
+        layers.append({"name": f"fc{i}_act", "kind": "threshold", "out": {"kind": "binary"},
+                       "arrays": {"thresholds": thr[:, None], "direction": direction}})
+    layers.append(_dense(f"fc{len(model.fcs)}", model.out))
+    layers.append({"name": "class", "kind": "argmax"})
+    return layers
+
+
+def _dense(name, fc):
+    return {"name": name, "kind": "dense", "in_features": fc.in_features, "out_features": fc.out_features,
+            "weight": "binary", "arrays": {"weights": binary_weights(fc)}}
+
+
+EXPORTERS = {"SFC": sfc_layers}
+
+
+def qmd_layers(model, cfg):
+    """QMD layer dicts of ``model`` built from registry entry ``cfg``."""
+    return EXPORTERS[cfg["net"]](model, tuple(cfg["input_shape"]))
+
+
+# --------------------------------------------------------------------------- float model
+
+def load_trained(model_name, run_dir=None):
+    """``(model in eval mode, checkpoint dict)`` from ``<run_dir>/ckpt.pt``."""
+    run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
+    ck = load_checkpoint(run_dir / CKPT)
+    if ck["model_name"] != model_name:
+        raise QnnfabError(f"checkpoint is of model {ck['model_name']!r}, not {model_name!r}",
+                          where=str(run_dir / CKPT))
+    model = build_model(ck["config"])
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, ck
+
+
+@torch.no_grad()
+def float_model_trace(model, images, batch=1000):
+    """Run the float QAT model (eval mode) on uint8 ``images`` and return its view of
+    every exported layer, keyed by QMD layer name, as int64 numpy arrays (checked to be
+    integers), plus ``logits`` (float32)."""
+    model.eval()
+    parts = {}
+    for i in range(0, len(images), batch):
+        t = model(torch.as_tensor(np.asarray(images[i:i + batch])), trace=True)
+        for name, v in t.items():
+            parts.setdefault(name, []).append(v)
+    out = {}
+    for name, vs in parts.items():
+        v = torch.cat(vs)
+        if name == "logits":
+            out[name] = v.numpy()
+            continue
+        r = torch.round(v.double()) if v.is_floating_point() else v
+        if not torch.equal(r, v.double() if v.is_floating_point() else v):
+            raise AssertionError(f"float model's layer {name} is not integer-valued")
+        out[name] = r.to(torch.int64).numpy()
+    return out
+
+
+def float_model_predictions(model, images, run_dir=None, batch=1000):
+    """Classes predicted by the float QAT model (a module, or a zoo name whose checkpoint
+    is loaded from ``run_dir``) for uint8 ``images``."""
+    if isinstance(model, str):
+        model = load_trained(model, run_dir)[0]
+    return float_model_trace(model, images, batch)["class"]
+
+
+def reference_predictions(qmd, images, batch=1000):
+    """Classes the integer reference model predicts for ``images``."""
+    ref = qmd if isinstance(qmd, ReferenceModel) else ReferenceModel(qmd)
+    return np.concatenate([ref.run(images[i:i + batch]).numpy() for i in range(0, len(images), batch)])
+
+
+# --------------------------------------------------------------------------- export
+
+def _dataset_note(name, n):
+    path = Path(DATA_DIR) / DATASETS[name]
+    return f"{name}, {os.path.relpath(path, REPO_ROOT)}, {n:,} test images"
+
+
+def export(model_name, run_dir=None, out_dir=None):
+    """Export the checkpoint of ``model_name`` to ``out_dir`` (default ``models/zoo/<name>``)
+    and return a summary (accuracies, paths)."""
+    torch.set_num_threads(THREADS)
+    model, ck = load_trained(model_name, run_dir)
+    cfg = ck["config"]
+    if ck["epoch"] < cfg["epochs"]:
+        print(f"warning: exporting a partially trained model ({ck['epoch']}/{cfg['epochs']} epochs)",
+              file=sys.stderr)
+    images, labels = load_dataset(cfg["dataset"], "test")
+    float_cls = float_model_predictions(model, images)
+    qat_acc = float((float_cls == labels).mean())
+
+    layers = qmd_layers(model, cfg)
+    out_dir = Path(out_dir) if out_dir else ZOO_DIR / model_name
+    recipe = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "lr_min", "weight_decay")}
+    provenance = {
+        "qat_accuracy": qat_acc,
+        "integer_accuracy_at_export": None,
+        "dataset": _dataset_note(cfg["dataset"], len(labels)),
+        "epochs": int(ck["epoch"]),
+        "seed": int(ck["seed"]),
+        "recipe": recipe | {"optimizer": "Adam, cosine LR per epoch, latent weights clipped to [-1,1]",
+                            "net": cfg["net"], "net_args": cfg["net_args"]},
+        "train_seconds": round(float(ck.get("train_seconds", 0.0)), 1),
+        "torch_version": ck.get("torch_version", torch.__version__),
+        "exported": datetime.date.today().isoformat(),
+        "exporter": "models/export.py",
+    }
+    description = cfg.get("description", "")
+    qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description)
+    int_cls = reference_predictions(qmd, images)
+    int_acc = float((int_cls == labels).mean())
+    provenance["integer_accuracy_at_export"] = int_acc
+    provenance["float_vs_integer_class_mismatches"] = int((int_cls != float_cls).sum())
+    save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description)
+    return {"model": model_name, "out_dir": str(out_dir), "qat_accuracy": qat_acc,
+            "integer_accuracy": int_acc, "mismatches": provenance["float_vs_integer_class_mismatches"],
+            "test_images": len(labels)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="bnn_mnist", help="zoo model name (default: bnn_mnist)")
+    p.add_argument("--run-dir", default=None, help="checkpoint directory (default: runs/<model>)")
+    p.add_argument("--out-dir", default=None, help="QMD directory to write (default: models/zoo/<model>)")
+    args = p.parse_args(argv)
+    try:
+        s = export(args.model, run_dir=args.run_dir, out_dir=args.out_dir)
+    except QnnfabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{s['model']} -> {s['out_dir']}")
+    print(f"float QAT accuracy:         {s['qat_accuracy']:.4f} ({s['test_images']:,} test images)")
+    print(f"integer reference accuracy: {s['integer_accuracy']:.4f} "
+          f"({s['mismatches']} images classified differently)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

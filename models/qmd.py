@@ -1,0 +1,359 @@
+"""Quantized model description (QMD), format ``qnnfab-qmd`` version 1.
+
+A QMD is a directory holding ``qmd.json`` (the manifest: input, ordered layers,
+their attributes, provenance) and ``qmd.npz`` (the integer arrays, keyed
+``<layer>.<field>``). The integer semantics of every layer kind are written in
+``docs/qmd-spec.md``; this module reads, validates and writes the format, and
+derives each layer's input/output shape and value range (interval arithmetic),
+which the reference model and the hardware generator both rely on.
+
+Every violation raises :class:`QnnfabError` naming the file, the layer and the field.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qnnfab.errors import QnnfabError
+
+FORMAT = "qnnfab-qmd"
+VERSION = 1
+MANIFEST = "qmd.json"
+ARRAYS = "qmd.npz"
+
+INPUT_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
+LAYER_KINDS = ("threshold", "dense", "argmax")
+WEIGHT_KINDS = ("binary",)
+INT32 = (-(2**31), 2**31 - 1)
+
+
+# --------------------------------------------------------------------------- activations
+
+@dataclass(frozen=True)
+class Act:
+    """How a tensor's integers are encoded: ``binary`` (values -1/+1, one bit each,
+    bit 1 = +1), ``uint`` (0 .. 2^bits-1) or ``int`` (accumulators, two's complement)."""
+
+    kind: str
+    bits: int
+    lo: int
+    hi: int
+
+    @staticmethod
+    def binary():
+        return Act("binary", 1, -1, 1)
+
+    @staticmethod
+    def uint(bits):
+        return Act("uint", bits, 0, 2**bits - 1)
+
+    @staticmethod
+    def int_range(lo, hi):
+        bits = max(int(lo).bit_length(), int(hi).bit_length()) + 1
+        bits = max(bits, 1)
+        return Act("int", bits, int(lo), int(hi))
+
+    def to_json(self):
+        return {"kind": self.kind} if self.kind == "binary" else {"kind": self.kind, "bits": self.bits}
+
+
+# --------------------------------------------------------------------------- layers
+
+@dataclass
+class Layer:
+    """One layer of a QMD, with everything derived at load time."""
+
+    name: str
+    kind: str
+    attrs: dict
+    arrays: dict
+    in_shape: tuple = ()
+    out_shape: tuple = ()
+    in_act: Act = None
+    out_act: Act = None
+
+    @property
+    def weights(self):
+        """Dense weights as int8 ``[out_features, in_features]`` with values -1/+1."""
+        return self.arrays["weights"]
+
+
+@dataclass
+class Qmd:
+    """A loaded, validated description."""
+
+    name: str
+    input_shape: tuple
+    input_dtype: str
+    layers: list
+    provenance: dict = field(default_factory=dict)
+    description: str = ""
+    path: Path = None
+
+    @property
+    def input_act(self):
+        lo, hi = INPUT_DTYPES[self.input_dtype]
+        return Act("uint" if lo == 0 else "int", 8, lo, hi)
+
+    def layer(self, name):
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+class _Where:
+    """Builds the ``file: layer 'x' field 'y'`` prefix of error messages."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __call__(self, layer=None, fld=None):
+        parts = [self.path]
+        if layer is not None:
+            parts.append(f"layer '{layer}'")
+        if fld is not None:
+            parts.append(f"field '{fld}'")
+        return ": ".join([parts[0], " ".join(parts[1:])]) if len(parts) > 1 else parts[0]
+
+
+def _resolve(path):
+    path = Path(path)
+    if path.is_dir():
+        return path / MANIFEST, path / ARRAYS
+    if path.name == MANIFEST:
+        return path, path.with_name(ARRAYS)
+    raise QnnfabError(f"not a QMD directory (expected {MANIFEST} and {ARRAYS} inside)", where=str(path))
+
+
+def load_qmd(path):
+    """Read and validate the QMD at ``path`` (its directory or its ``qmd.json``)."""
+    manifest_path, arrays_path = _resolve(path)
+    where = _Where(manifest_path)
+    if not manifest_path.is_file():
+        raise QnnfabError("manifest not found", where=str(manifest_path))
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QnnfabError(f"not valid JSON: {e}", where=where()) from None
+    if not arrays_path.is_file():
+        raise QnnfabError("array file not found", where=str(arrays_path))
+    try:
+        with np.load(arrays_path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as e:  # zipfile/ValueError: a corrupt archive
+        raise QnnfabError(f"cannot read arrays: {e}", where=str(arrays_path)) from None
+    qmd = parse_qmd(manifest, arrays, where)
+    qmd.path = manifest_path.parent
+    return qmd
+
+
+def _field(obj, key, types, where, layer=None):
+    if not isinstance(obj, dict) or key not in obj:
+        raise QnnfabError("missing", where=where(layer, key))
+    value = obj[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise QnnfabError(f"expected {_typename(types)}, got {type(value).__name__} {value!r}",
+                          where=where(layer, key))
+    return value
+
+
+def _typename(types):
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join({int: "integer", str: "string", list: "list", dict: "object"}.get(t, t.__name__) for t in types)
+
+
+def _array(arrays, layer, fld, where, shape, dtype_kind="i"):
+    key = f"{layer}.{fld}"
+    if key not in arrays:
+        raise QnnfabError(f"missing array '{key}' in {ARRAYS}", where=where(layer, fld))
+    a = arrays[key]
+    if a.dtype.kind not in dtype_kind:
+        raise QnnfabError(f"array '{key}' has dtype {a.dtype}, expected an integer type", where=where(layer, fld))
+    if tuple(a.shape) != tuple(shape):
+        raise QnnfabError(f"array '{key}' has shape {tuple(a.shape)}, expected {tuple(shape)}",
+                          where=where(layer, fld))
+    return a
+
+
+def _act_from_json(obj, where, layer, fld):
+    if not isinstance(obj, dict) or "kind" not in obj:
+        raise QnnfabError("expected an object with 'kind'", where=where(layer, fld))
+    if obj["kind"] == "binary":
+        return Act.binary()
+    if obj["kind"] == "uint":
+        bits = obj.get("bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
+            raise QnnfabError(f"'bits' must be an integer in 1..8, got {bits!r}", where=where(layer, fld))
+        return Act.uint(bits)
+    raise QnnfabError(f"unsupported activation kind {obj['kind']!r} (supported: binary, uint)",
+                      where=where(layer, fld))
+
+
+def parse_qmd(manifest, arrays, where=None):
+    """Validate a manifest dict and its arrays; return a :class:`Qmd`."""
+    where = where or _Where("<qmd>")
+    if not isinstance(manifest, dict):
+        raise QnnfabError("manifest must be a JSON object", where=where())
+    fmt = _field(manifest, "format", str, where)
+    if fmt != FORMAT:
+        raise QnnfabError(f"unknown format {fmt!r}, expected {FORMAT!r}", where=where(None, "format"))
+    version = _field(manifest, "version", int, where)
+    if version != VERSION:
+        raise QnnfabError(f"unsupported version {version} (this qnnfab reads version {VERSION})",
+                          where=where(None, "version"))
+    name = _field(manifest, "name", str, where)
+    inp = _field(manifest, "input", dict, where)
+    shape = _field(inp, "shape", list, lambda l=None, f=None: where(None, f"input.{f}"))
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise QnnfabError(f"must be a non-empty list of positive integers, got {shape!r}",
+                          where=where(None, "input.shape"))
+    dtype = _field(inp, "dtype", str, lambda l=None, f=None: where(None, f"input.{f}"))
+    if dtype not in INPUT_DTYPES:
+        raise QnnfabError(f"unsupported input dtype {dtype!r} (supported: {', '.join(INPUT_DTYPES)})",
+                          where=where(None, "input.dtype"))
+    layers_json = _field(manifest, "layers", list, where)
+    if not layers_json:
+        raise QnnfabError("a model needs at least one layer", where=where(None, "layers"))
+
+    qmd = Qmd(name=name, input_shape=tuple(shape), input_dtype=dtype, layers=[],
+              provenance=manifest.get("provenance", {}), description=manifest.get("description", ""))
+    cur_shape, cur_act = qmd.input_shape, qmd.input_act
+    seen = set()
+    for i, lj in enumerate(layers_json):
+        if not isinstance(lj, dict):
+            raise QnnfabError("each layer must be an object", where=where(f"#{i}"))
+        lname = _field(lj, "name", str, lambda l=None, f=None: where(f"#{i}", f))
+        if lname in seen:
+            raise QnnfabError("duplicate layer name", where=where(lname, "name"))
+        seen.add(lname)
+        kind = _field(lj, "kind", str, where, lname)
+        if kind not in LAYER_KINDS:
+            raise QnnfabError(f"unsupported layer kind {kind!r} (supported: {', '.join(LAYER_KINDS)})",
+                              where=where(lname, "kind"))
+        if cur_shape == ():
+            raise QnnfabError("no layer may follow 'argmax'", where=where(lname, "kind"))
+        layer = Layer(name=lname, kind=kind, attrs={}, arrays={}, in_shape=cur_shape, in_act=cur_act)
+        _PARSERS[kind](layer, lj, arrays, where)
+        qmd.layers.append(layer)
+        cur_shape, cur_act = layer.out_shape, layer.out_act
+
+    used = {f"{l.name}.{k}" for l in qmd.layers for k in l.arrays}
+    extra = sorted(set(arrays) - used)
+    if extra:
+        raise QnnfabError(f"arrays not used by any layer: {', '.join(extra)}", where=where(None, ARRAYS))
+    return qmd
+
+
+def _parse_threshold(layer, lj, arrays, where):
+    n = layer.name
+    if layer.in_act.kind == "binary":
+        raise QnnfabError("a threshold needs an integer input, got binary activations", where=where(n, "kind"))
+    out = _act_from_json(_field(lj, "out", dict, where, n), where, n, "out")
+    channels = layer.in_shape[-1]
+    nthr = 1 if out.kind == "binary" else 2**out.bits - 1
+    thr = _array(arrays, n, "thresholds", where, (channels, nthr)).astype(np.int64)
+    direction = _array(arrays, n, "direction", where, (channels,)).astype(np.int64)
+    if not np.isin(direction, (-1, 1)).all():
+        bad = int(np.flatnonzero(~np.isin(direction, (-1, 1)))[0])
+        raise QnnfabError(f"values must be +1 or -1, channel {bad} has {int(direction[bad])}",
+                          where=where(n, "direction"))
+    lo, hi = layer.in_act.lo - 1, layer.in_act.hi + 1
+    if thr.size and (thr.min() < lo or thr.max() > hi):
+        c = int(np.argwhere((thr < lo) | (thr > hi))[0][0])
+        raise QnnfabError(f"threshold out of range [{lo}, {hi}] (input range +-1), channel {c}: {thr[c].tolist()}",
+                          where=where(n, "thresholds"))
+    if nthr > 1:
+        d = np.diff(thr, axis=1)
+        ok = np.where(direction[:, None] > 0, d >= 0, d <= 0)
+        if not ok.all():
+            c = int(np.argwhere(~ok)[0][0])
+            raise QnnfabError(f"thresholds of channel {c} must be sorted in the comparison direction: {thr[c].tolist()}",
+                              where=where(n, "thresholds"))
+    layer.arrays = {"thresholds": thr, "direction": direction}
+    layer.attrs = {"out": out.to_json()}
+    layer.out_shape, layer.out_act = layer.in_shape, out
+
+
+def _parse_dense(layer, lj, arrays, where):
+    n = layer.name
+    in_f = _field(lj, "in_features", int, where, n)
+    out_f = _field(lj, "out_features", int, where, n)
+    for fld, v in (("in_features", in_f), ("out_features", out_f)):
+        if v <= 0:
+            raise QnnfabError(f"must be positive, got {v}", where=where(n, fld))
+    flat = int(np.prod(layer.in_shape))
+    if flat != in_f:
+        raise QnnfabError(f"is {in_f} but the incoming tensor {list(layer.in_shape)} has {flat} elements",
+                          where=where(n, "in_features"))
+    wkind = _field(lj, "weight", str, where, n)
+    if wkind not in WEIGHT_KINDS:
+        raise QnnfabError(f"unsupported weight kind {wkind!r} (supported: {', '.join(WEIGHT_KINDS)})",
+                          where=where(n, "weight"))
+    packed = _array(arrays, n, "weights", where, (out_f, (in_f + 7) // 8), dtype_kind="u")
+    if packed.dtype != np.uint8:
+        raise QnnfabError(f"binary weights must be packed bits of dtype uint8, got {packed.dtype}",
+                          where=where(n, "weights"))
+    bits = np.unpackbits(packed, axis=1, bitorder="little")
+    if bits[:, in_f:].any():
+        raise QnnfabError("padding bits beyond in_features must be zero", where=where(n, "weights"))
+    w = bits[:, :in_f].astype(np.int8) * 2 - 1
+    layer.arrays = {"weights": w}
+    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": wkind}
+    a_lo, a_hi = layer.in_act.lo, layer.in_act.hi
+    # interval arithmetic: each output sums w*x over its fan-in, w in {-1,+1}
+    hi = np.where(w > 0, a_hi, -a_lo).sum(axis=1)
+    lo = np.where(w > 0, a_lo, -a_hi).sum(axis=1)
+    layer.out_shape = (out_f,)
+    layer.out_act = Act.int_range(int(lo.min()), int(hi.max()))
+
+
+def _parse_argmax(layer, lj, arrays, where):
+    if len(layer.in_shape) != 1:
+        raise QnnfabError(f"argmax needs a vector input, got shape {list(layer.in_shape)}",
+                          where=where(layer.name, "kind"))
+    layer.out_shape = ()
+    layer.out_act = Act.int_range(0, layer.in_shape[0] - 1)
+
+
+_PARSERS = {"threshold": _parse_threshold, "dense": _parse_dense, "argmax": _parse_argmax}
+
+
+# --------------------------------------------------------------------------- writing
+
+def pack_binary(w):
+    """-1/+1 matrix ``[out, in]`` -> packed bits as stored in the npz (bit 1 = +1)."""
+    w = np.asarray(w)
+    if not np.isin(w, (-1, 1)).all():
+        raise ValueError("binary weights must be -1 or +1")
+    return np.packbits((w > 0).astype(np.uint8), axis=1, bitorder="little")
+
+
+def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None, description=""):
+    """Write a QMD. ``layers`` is a list of dicts: manifest fields plus an ``arrays``
+    dict of integer numpy arrays (binary weights as -1/+1, packed here). The result is
+    read back and validated, so an exporter can never write a description it cannot load."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, "version": VERSION, "name": name, "description": description,
+                "input": {"shape": list(input_shape), "dtype": input_dtype}, "layers": [],
+                "provenance": provenance or {}}
+    arrays = {}
+    for spec in layers:
+        spec = dict(spec)
+        for k, a in spec.pop("arrays", {}).items():
+            if k == "weights" and spec.get("weight") == "binary":
+                a = pack_binary(a)
+            elif k == "direction":
+                a = np.asarray(a, dtype=np.int8)
+            else:
+                a = np.asarray(a, dtype=np.int32)
+            arrays[f"{spec['name']}.{k}"] = a
+        manifest["layers"].append(spec)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    np.savez_compressed(directory / ARRAYS, **arrays)
+    return load_qmd(directory)

@@ -1,0 +1,80 @@
+"""Integer-exact torch reference model: executes a QMD, and only a QMD.
+
+This is the golden model. It implements the semantics of ``docs/qmd-spec.md`` on
+int64 tensors; nothing in it is float except one documented shortcut: dense
+products run as float64 matrix products, which is exact because every partial sum
+is an integer whose magnitude the loader bounds (interval arithmetic) far below
+2^53 — checked here, not assumed.
+"""
+
+import numpy as np
+import torch
+
+from models.qmd import Qmd, load_qmd
+
+_EXACT_F64 = 2**53
+
+
+class ReferenceModel:
+    """Runs a :class:`Qmd` on a batch of integer inputs ``[B, *input_shape]``.
+
+    ``run(x)`` returns the class indices ``[B]``; ``trace(x)`` returns a dict of every
+    layer's output (int64 tensors ``[B, *out_shape]``) keyed by layer name, in order.
+    """
+
+    def __init__(self, qmd):
+        self.qmd = qmd if isinstance(qmd, Qmd) else load_qmd(qmd)
+        self._weights = {}
+        for layer in self.qmd.layers:
+            if layer.kind == "dense":
+                bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * layer.attrs["in_features"]
+                assert bound < _EXACT_F64, f"{layer.name}: accumulator range too large for exact float64"
+                self._weights[layer.name] = torch.from_numpy(layer.weights.astype(np.float64))
+
+    def trace(self, x):
+        x = torch.as_tensor(np.asarray(x)).to(torch.int64)
+        expect = (x.shape[0],) + tuple(self.qmd.input_shape)
+        if tuple(x.shape) != expect:
+            raise ValueError(f"input batch has shape {tuple(x.shape)}, expected {expect}")
+        lo, hi = self.qmd.input_act.lo, self.qmd.input_act.hi
+        if x.numel() and (x.min() < lo or x.max() > hi):
+            raise ValueError(f"input values outside [{lo}, {hi}] of dtype {self.qmd.input_dtype}")
+        outs = {}
+        for layer in self.qmd.layers:
+            x = getattr(self, f"_{layer.kind}")(layer, x)
+            outs[layer.name] = x
+        return outs
+
+    def run(self, x):
+        return list(self.trace(x).values())[-1]
+
+    # -- layer kinds (docs/qmd-spec.md, section "Layer kinds") --------------------------
+
+    def _threshold(self, layer, x):
+        thr = torch.from_numpy(layer.arrays["thresholds"])      # [C, T]
+        up = torch.from_numpy(layer.arrays["direction"]) > 0    # [C]
+        xe = x.unsqueeze(-1)                                    # [..., C, 1]
+        met = torch.where(up.unsqueeze(-1), xe >= thr, xe <= thr)
+        count = met.sum(dim=-1, dtype=torch.int64)
+        if layer.out_act.kind == "binary":
+            return 2 * count - 1
+        return count
+
+    def _dense(self, layer, x):
+        flat = x.reshape(x.shape[0], -1).to(torch.float64)
+        y = flat @ self._weights[layer.name].T
+        return y.round().to(torch.int64)
+
+    def _argmax(self, layer, x):
+        # torch.argmax returns the first maximal index, as the spec requires
+        return torch.argmax(x, dim=-1)
+
+
+def accuracy(qmd, images, labels, batch=1000):
+    """Fraction of ``images`` the integer reference classifies as ``labels``."""
+    ref = qmd if isinstance(qmd, ReferenceModel) else ReferenceModel(qmd)
+    correct = 0
+    for i in range(0, len(images), batch):
+        pred = ref.run(images[i:i + batch])
+        correct += int((pred == torch.as_tensor(labels[i:i + batch]).to(torch.int64)).sum())
+    return correct / len(images)

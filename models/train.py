@@ -1,0 +1,215 @@
+"""Quantization-aware training of a zoo model, resumable.
+
+``python -m models.train --model bnn_mnist`` trains with the recipe in
+:data:`models.nets.MODELS` and writes ``runs/<model>/ckpt.pt`` after every epoch
+(model, optimizer, LR schedule, epoch, RNG state, best test accuracy, history).
+Running it again resumes where it stopped and follows the same schedule; a finished
+run is left as it is. Adam with a cosine learning-rate schedule (stepped per
+epoch); latent binary weights are clipped to [-1, 1] after each step and get no weight
+decay.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.data import load_dataset
+from models.nets import build_model, model_config
+from models.quant import clip_latent_weights
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import REPO_ROOT
+
+CKPT = "ckpt.pt"
+THREADS = 2
+
+
+def default_run_dir(model_name):
+    return REPO_ROOT / "runs" / model_name
+
+
+def _recipe(cfg):
+    """The parts of a config that define the training run (compared on resume)."""
+    return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
+                                 "lr_min", "weight_decay") if k in cfg} | \
+        {k: cfg[k] for k in ("train_limit", "test_limit") if cfg.get(k) is not None}
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by :func:`train`."""
+    path = Path(path)
+    if not path.is_file():
+        raise QnnfabError("checkpoint not found; train first (python -m models.train --model <name>)",
+                          where=str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_atomic(obj, path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _load_data(cfg, split):
+    x, y = load_dataset(cfg["dataset"], split)
+    limit = cfg.get(f"{split}_limit")
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch=1000):
+    """Top-1 accuracy (fraction) of ``model`` in eval mode on uint8 images ``x``."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += int((model(x[i:i + batch]).argmax(dim=1) == y[i:i + batch]).sum())
+    model.train(was_training)
+    return correct / len(x)
+
+
+def _make_optimizer(model, cfg):
+    """Adam; weight decay (if any) only on parameters that are not latent binary weights."""
+    latent = [m.weight for m in model.modules() if getattr(m, "latent_binary", False)]
+    ids = {id(p) for p in latent}
+    other = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": latent, "weight_decay": 0.0},
+              {"params": other, "weight_decay": cfg.get("weight_decay", 0.0)}]
+    return torch.optim.Adam(groups, lr=cfg["lr"])
+
+
+def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True):
+    """Train ``model_name`` (a key of :data:`models.nets.MODELS`) and return a summary dict.
+
+    ``epochs`` overrides the recipe's epoch count (it sets the cosine schedule's length).
+    ``resume`` continues from ``<run_dir>/ckpt.pt`` if it exists (the same recipe and
+    seed are required). ``stop_after`` ends this invocation after that many epochs
+    (the run can be resumed later, with the same result as an uninterrupted one).
+    """
+    torch.set_num_threads(THREADS)
+    cfg = model_config(model_name)
+    if epochs is not None:
+        if epochs < 1:
+            raise QnnfabError(f"--epochs must be at least 1, got {epochs}")
+        cfg["epochs"] = int(epochs)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / CKPT
+    recipe = _jsonable(_recipe(cfg))
+
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    clip_latent_weights(model)
+    opt = _make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
+    start, best, history, elapsed = 0, 0.0, [], 0.0
+
+    if resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["recipe"] != recipe or ck["seed"] != seed:
+            raise QnnfabError("checkpoint was trained with a different recipe or seed "
+                              f"(checkpoint: seed {ck['seed']}, epochs {ck['recipe'].get('epochs')}); "
+                              "use --no-resume to start over, or another --run-dir", where=str(ckpt_path))
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        torch.set_rng_state(ck["rng_state"])
+        start, best, history = ck["epoch"], ck["best_test_accuracy"], ck["history"]
+        elapsed = ck.get("train_seconds", 0.0)
+        print(f"resuming {model_name} from epoch {start}/{cfg['epochs']} ({ckpt_path})", flush=True)
+    if start >= cfg["epochs"]:
+        print(f"{model_name}: already trained for {start} epochs (test accuracy "
+              f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
+        return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
+
+    xtr, ytr = _load_data(cfg, "train")
+    xte, yte = _load_data(cfg, "test")
+    bs = cfg["batch_size"]
+    n_batches = (len(xtr) + bs - 1) // bs
+
+    end = cfg["epochs"] if stop_after is None else min(cfg["epochs"], start + stop_after)
+    for epoch in range(start, end):
+        t0 = time.time()
+        model.train()
+        # the shuffle depends only on (seed, epoch), so a resumed run sees the same batches
+        perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        lr = opt.param_groups[0]["lr"]
+        tot_loss, tot_correct = 0.0, 0
+        bar = tqdm(range(n_batches), desc=f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
+                   leave=False, disable=not progress, mininterval=2.0, file=sys.stderr)
+        for b in bar:
+            idx = perm[b * bs:(b + 1) * bs]
+            x, y = xtr[idx], ytr[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            clip_latent_weights(model)
+            tot_loss += loss.item() * len(idx)
+            tot_correct += int((logits.argmax(dim=1) == y).sum())
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        sched.step()
+        test_acc = evaluate(model, xte, yte)
+        best = max(best, test_acc)
+        secs = time.time() - t0
+        elapsed += secs
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": tot_loss / len(xtr),
+                        "train_accuracy": tot_correct / len(xtr), "test_accuracy": test_acc,
+                        "seconds": round(secs, 2)})
+        _save_atomic({"model_name": model_name, "config": cfg, "recipe": recipe, "seed": seed,
+                      "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                      "rng_state": torch.get_rng_state(), "best_test_accuracy": best,
+                      "history": history, "train_seconds": elapsed,
+                      "torch_version": torch.__version__}, ckpt_path)
+        print(f"{model_name} epoch {epoch + 1}/{cfg['epochs']}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
+              f"train acc {tot_correct / len(xtr):.4f} test acc (float QAT) {test_acc:.4f} "
+              f"best {best:.4f} [{secs:.1f} s]", flush=True)
+    return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
+
+
+def _summary(model_name, cfg, ckpt_path, history, best, elapsed):
+    return {"model": model_name, "checkpoint": str(ckpt_path), "epochs_done": len(history),
+            "epochs": cfg["epochs"], "test_accuracy": history[-1]["test_accuracy"] if history else None,
+            "best_test_accuracy": best, "train_seconds": elapsed}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="bnn_mnist", help="zoo model name (default: bnn_mnist)")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint")
+    p.add_argument("--run-dir", default=None, help="checkpoint directory (default: runs/<model>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
+                  run_dir=args.run_dir, progress=not args.no_progress)
+    except QnnfabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{s['model']}: {s['epochs_done']}/{s['epochs']} epochs, float QAT test accuracy "
+          f"{s['test_accuracy']:.4f} (best {s['best_test_accuracy']:.4f}), "
+          f"{s['train_seconds'] / 60:.1f} min of training; checkpoint {s['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

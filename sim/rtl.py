@@ -1,0 +1,144 @@
+"""RTL simulation of a generated accelerator against the integer reference.
+
+``simulate(qmd, folding, images)`` generates the Verilog (with observation taps on
+every inner stream), builds it with Verilator, runs :mod:`sim.bench_network` under
+cocotb, and compares every captured integer with :class:`models.reference.ReferenceModel`:
+each stage's output stream, the logits and the class, element by element.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hw.network import Accelerator, frame_cycles
+from models.reference import ReferenceModel
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import REPO_ROOT
+from qnnfab.tools import verilator_env
+
+TOP = "accelerator"
+
+
+def write_verilog(acc, path, name=TOP):
+    """Convert an :class:`Accelerator` to Verilog at ``path``."""
+    from amaranth.back import verilog
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(verilog.convert(acc, name=name, emit_src=False))
+    return path
+
+
+def stream_values(layer_out, act):
+    """A reference tensor ``[frames, ...]`` as the integers its stream carries, in stream order:
+    flat channels-last order; binary values as bits (1 = +1)."""
+    flat = np.asarray(layer_out).reshape(len(layer_out), -1).astype(np.int64)
+    return (flat + 1) // 2 if act is not None and act.kind == "binary" else flat
+
+
+def _steady_interval(cycles, beats_per_frame=1, warmup=2):
+    """Mean cycles between frame starts, skipping the pipeline-filling first frames."""
+    starts = np.asarray(cycles)[::beats_per_frame]
+    if len(starts) < 2:
+        return None
+    w = min(warmup, len(starts) - 2)
+    return float((starts[-1] - starts[w]) / (len(starts) - 1 - w))
+
+
+def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, seed=0, log=print):
+    """Run ``images`` (uint8 ``[N, *input_shape]``) through the RTL; return the sim report dict."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    acc = Accelerator(qmd, folding, taps=True)
+    stages = acc.stages
+    vfile = write_verilog(acc, work_dir / f"{TOP}_taps.v")
+
+    frames = len(images)
+    lanes = stages[0].in_lanes
+    flat = np.asarray(images).reshape(frames, -1)
+    pixels = flat.reshape(frames, flat.shape[1] // lanes, lanes)
+    np.savez(work_dir / "stimulus.npz", pixels=pixels)
+
+    taps = [{"name": s.name, "width": s.out_shape.width, "lanes": s.out_lanes, "signed": s.out_shape.signed}
+            for s in stages[:-1]]
+    last = stages[-1]
+    result = {"classes": last.params["classes"], "cls_width": acc.result.payload.cls.shape().width,
+              "logit_width": last.params["logit_shape"].width}
+    captured = work_dir / "captured.npz"
+    if captured.exists():
+        captured.unlink()
+    cfg = {"stimulus": str(work_dir / "stimulus.npz"), "pixel_width": acc.pixel_shape.width, "taps": taps,
+           "result": result, "in_stall": in_stall, "out_stall": out_stall, "seed": seed,
+           "captured": str(captured), "cycles_per_beat": frame_cycles(stages) // pixels.shape[1] + 1}
+    (work_dir / "bench.json").write_text(json.dumps(cfg, indent=1))
+
+    _run_cocotb(vfile, work_dir, log)
+    if not captured.exists():
+        raise QnnfabError("the RTL simulation ended without writing its results; see the log above",
+                          where=str(work_dir))
+    got = dict(np.load(captured))
+
+    # ---- compare with the reference, every integer
+    trace = ReferenceModel(qmd).trace(images)
+    per_layer, mismatches, compared = [], 0, []
+    carried = None   # the layer a width converter's stream carries
+    for s in stages[:-1]:
+        layer = s.compared_layer or carried
+        carried = layer
+        expect = stream_values(trace[layer.name].numpy(), s.out_act).reshape(-1)
+        seen = got[f"tap.{s.name}"]
+        n = min(len(seen), len(expect))
+        bad = int((seen[:n] != expect[:n]).sum()) + abs(len(seen) - len(expect))
+        mismatches += bad
+        if s.compared_layer is not None:
+            compared.append(layer.name)
+        per_layer.append({"stage": s.name, "layer": layer.name, "engine": s.engine, "integers": int(len(expect)),
+                          "mismatches": bad, "cycles_per_frame_analytic": s.cycles_per_frame,
+                          "cycles_per_frame_measured": _steady_interval(got[f"tap_cycles.{s.name}"],
+                                                                        s.out_elems // s.out_lanes)})
+    logits_layer = qmd.layers[-2]
+    exp_logits = trace[logits_layer.name].numpy()
+    exp_cls = trace[qmd.layers[-1].name].numpy()
+    bad_logits = int((got["logits"] != exp_logits).sum())
+    bad_cls = int((got["cls"] != exp_cls).sum())
+    mismatches += bad_logits + bad_cls
+    compared.append(qmd.layers[-1].name)
+    per_layer.append({"stage": last.name, "layer": f"{logits_layer.name}+{qmd.layers[-1].name}",
+                      "engine": last.engine, "integers": int(exp_logits.size + exp_cls.size),
+                      "mismatches": bad_logits + bad_cls, "cycles_per_frame_analytic": last.cycles_per_frame,
+                      "cycles_per_frame_measured": _steady_interval(got["result_cycles"])})
+    measured = _steady_interval(got["result_cycles"])
+    return {
+        "model": qmd.name, "images": frames, "mismatches": mismatches,
+        "layers_compared": len(compared), "layers_compared_names": compared,
+        "integers_compared": int(sum(p["integers"] for p in per_layer)),
+        "class_mismatches": bad_cls, "logit_mismatches": bad_logits,
+        "cycles_per_frame_measured": measured,
+        "cycles_per_frame_analytic": frame_cycles(stages),
+        "first_result_cycle": int(got["result_cycles"][0]),
+        "in_stall": in_stall, "out_stall": out_stall,
+        "per_stage": per_layer,
+        "hardware_classes": got["cls"].tolist()[:50],
+    }
+
+
+def _run_cocotb(vfile, work_dir, log):
+    verilator_env()
+    from cocotb_tools.runner import get_runner
+    runner = get_runner("verilator")
+    build_dir = work_dir / "sim_build"
+    log_file = work_dir / "verilator.log"
+    try:
+        runner.build(sources=[vfile], hdl_toplevel=TOP, build_dir=build_dir, always=True,
+                     build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "-O3",
+                                 "-CFLAGS", "-O1", "--x-assign", "0", "--x-initial", "0"],
+                     log_file=log_file)
+    except (SystemExit, Exception) as e:
+        raise QnnfabError(f"Verilator build failed ({e}); see {log_file}", where=str(vfile)) from None
+    env = {"QNNFAB_BENCH": str(work_dir / "bench.json"),
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "COCOTB_REDUCED_LOG_FMT": "1"}
+    runner.test(test_module="sim.bench_network", hdl_toplevel=TOP, build_dir=build_dir, test_dir=work_dir,
+                extra_env=env, results_xml=str(work_dir / "results.xml"), log_file=work_dir / "cocotb.log")
