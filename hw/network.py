@@ -32,7 +32,7 @@ from qnnfab.errors import QnnfabError
 class Stage:
     """One hardware stage of the pipeline and what it produces per frame."""
 
-    name: str                 # stage name (the QMD layer it implements, or dwc_<a>_<b>)
+    name: str                 # the (first) QMD layer it implements, or dwc_<a>_<b> for a converter
     engine: str               # threshold_unit | xnor_mvtu | width_converter | argmax_output
     layers: list              # the QMD layers it implements (empty for a width converter)
     in_lanes: int
@@ -44,6 +44,11 @@ class Stage:
     pe: int = None
     simd: int = None
     params: dict = field(default_factory=dict)
+
+    @property
+    def kind(self):
+        """The QMD layer kind it implements (``width_converter`` for a converter)."""
+        return self.layers[0].kind if self.layers else "width_converter"
 
     @property
     def compared_layer(self):
@@ -86,7 +91,7 @@ def plan_network(qmd, folding):
             else:
                 out_act = layer.out_act
                 out_shape = signed(bits_for(n) + 1)
-            stages.append(Stage(fused[-1].name, "xnor_mvtu", fused, simd, pe, m, out_shape, out_act,
+            stages.append(Stage(layer.name, "xnor_mvtu", fused, simd, pe, m, out_shape, out_act,
                                 cycles_per_frame=(m // pe) * (n // simd), pe=pe, simd=simd))
             i += len(fused)
         elif layer.kind == "argmax":

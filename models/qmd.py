@@ -90,6 +90,7 @@ class Qmd:
     layers: list
     provenance: dict = field(default_factory=dict)
     description: str = ""
+    dataset: str = None
     path: Path = None
 
     @property
@@ -221,7 +222,10 @@ def parse_qmd(manifest, arrays, where=None):
         raise QnnfabError("a model needs at least one layer", where=where(None, "layers"))
 
     qmd = Qmd(name=name, input_shape=tuple(shape), input_dtype=dtype, layers=[],
-              provenance=manifest.get("provenance", {}), description=manifest.get("description", ""))
+              provenance=manifest.get("provenance", {}), description=manifest.get("description", ""),
+              dataset=manifest.get("dataset"))
+    if qmd.dataset is not None and not isinstance(qmd.dataset, str):
+        raise QnnfabError(f"expected a data set name, got {qmd.dataset!r}", where=where(None, "dataset"))
     cur_shape, cur_act = qmd.input_shape, qmd.input_act
     seen = set()
     for i, lj in enumerate(layers_json):
@@ -333,13 +337,14 @@ def pack_binary(w):
     return np.packbits((w > 0).astype(np.uint8), axis=1, bitorder="little")
 
 
-def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None, description=""):
+def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None, description="", dataset=None):
     """Write a QMD. ``layers`` is a list of dicts: manifest fields plus an ``arrays``
     dict of integer numpy arrays (binary weights as -1/+1, packed here). The result is
     read back and validated, so an exporter can never write a description it cannot load."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "version": VERSION, "name": name, "description": description,
+                **({"dataset": dataset} if dataset else {}),
                 "input": {"shape": list(input_shape), "dtype": input_dtype}, "layers": [],
                 "provenance": provenance or {}}
     arrays = {}

@@ -7,6 +7,7 @@ both sides, and reports the beats and the cycle each output beat was taken.
 
 import random
 
+from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
 
@@ -29,6 +30,20 @@ def unpack(word, width, count, signed=False):
             v -= 1 << width
         out.append(v)
     return out
+
+
+class _WithClock(Elaboratable):
+    """Ensures a ``sync`` domain exists, so purely combinational stages simulate too."""
+
+    def __init__(self, dut):
+        self.dut = dut
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.dut = self.dut
+        tick = Signal()
+        m.d.sync += tick.eq(~tick)
+        return m
 
 
 def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=None):
@@ -67,7 +82,7 @@ def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max
                 raise AssertionError(f"only {len(out)} of {n_out} output beats after {cycle} cycles")
         ctx.set(dut.o.ready, 0)
 
-    sim = Simulator(dut)
+    sim = Simulator(_WithClock(dut))
     sim.add_clock(1e-8)
     sim.add_testbench(producer, background=True)
     sim.add_testbench(consumer)

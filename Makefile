@@ -1,0 +1,58 @@
+# qnnfab — every target is a thin layer over `python -m qnnfab <command>`.
+# The first target run creates .venv from the pinned requirements.txt.
+
+PYTHON ?= python3
+VENV   ?= .venv
+MODEL  ?= bnn_mnist
+IMAGES ?= 100
+STALL  ?= 0
+EPOCHS ?=
+
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+PY    := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help venv verilog sim eval check train export test clean
+
+help:
+	@echo "make sim MODEL=bnn_mnist [IMAGES=100]  generate, simulate in Verilator on real test images, report"
+	@echo "make verilog MODEL=m                    Verilog + report in build/m/"
+	@echo "make eval MODEL=m                       integer reference accuracy on the full test set"
+	@echo "make check MODEL=m                      validate the model description and folding"
+	@echo "make train MODEL=m [EPOCHS=n]           quantization-aware training (resumable)"
+	@echo "make export MODEL=m                     export the trained model to models/zoo/m"
+	@echo "make test                               the test suite"
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+verilog: $(STAMP)
+	$(PY) -m qnnfab verilog --model $(MODEL)
+
+sim: $(STAMP)
+	$(PY) -m qnnfab verilog --model $(MODEL)
+	$(PY) -m qnnfab sim --model $(MODEL) --images $(IMAGES) --stall $(STALL)
+
+eval: $(STAMP)
+	$(PY) -m qnnfab eval --model $(MODEL)
+
+check: $(STAMP)
+	$(PY) -m qnnfab check --model $(MODEL)
+
+train: $(STAMP)
+	$(PY) -m qnnfab train --model $(MODEL) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+export: $(STAMP)
+	$(PY) -m qnnfab export --model $(MODEL)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build

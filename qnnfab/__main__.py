@@ -1,0 +1,5 @@
+import sys
+
+from qnnfab.cli import main
+
+sys.exit(main())

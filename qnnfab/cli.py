@@ -1,0 +1,147 @@
+"""Command line: ``python -m qnnfab <command>``; the Makefile targets call these.
+
+  verilog --model M         generate build/M/M.v, report.json, report.md
+  sim     --model M         RTL simulation on real test images -> build/M/sim.json
+  eval    --model M         integer reference accuracy on the test set -> build/M/eval.json
+  check   --model M         validate the QMD and its folding
+  train / export            quantization-aware training and export (models.train / models.export)
+
+A model is a zoo name (models/zoo/<name>) or a path to a QMD directory. Errors in user
+input print one line, ``error: <file>: <what>``, and exit with status 2.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import build_dir, model_dir
+
+
+def _load(model, folding_path=None):
+    from hw.folding import FILENAME, load_folding
+    qmd = _load_qmd_only(model)
+    folding = load_folding(Path(folding_path) if folding_path else qmd.path / FILENAME, qmd)
+    return qmd, folding
+
+
+def _dataset(qmd):
+    if not qmd.dataset:
+        raise QnnfabError("the description names no 'dataset' to take test images from",
+                          where=str(qmd.path / "qmd.json"))
+    from models.data import load_dataset
+    return load_dataset(qmd.dataset, "test")
+
+
+def cmd_verilog(args):
+    from hw.network import Accelerator
+    from hw.report import design_markdown, design_report, write_json
+    from sim.rtl import write_verilog
+    qmd, folding = _load(args.model, args.folding)
+    out = build_dir(qmd.name)
+    acc = Accelerator(qmd, folding)
+    vpath = write_verilog(acc, out / f"{qmd.name}.v", name=qmd.name)
+    rep = design_report(qmd, folding, acc.stages, vpath, qmd.name)
+    write_json(out / "report.json", rep)
+    (out / "report.md").write_text(design_markdown(rep))
+    print(design_markdown(rep))
+    print(f"wrote {vpath}, {out / 'report.json'}, {out / 'report.md'}")
+
+
+def cmd_sim(args):
+    import numpy as np
+
+    from hw.report import write_json
+    from sim.rtl import simulate
+    qmd, folding = _load(args.model, args.folding)
+    images, labels = _dataset(qmd)
+    n = min(args.images, len(images))
+    out = build_dir(qmd.name)
+    t0 = time.time()
+    rep = simulate(qmd, folding, images[:n], out / "rtl", in_stall=args.stall, out_stall=args.stall, seed=args.seed)
+    rep["seconds"] = round(time.time() - t0, 1)
+    hw_classes = np.array(rep.pop("hardware_classes"))
+    rep["hardware_accuracy"] = float((hw_classes == labels[:n]).mean())
+    write_json(out / "sim.json", rep)
+    ok = rep["mismatches"] == 0
+    cpf_m, cpf_a = rep["cycles_per_frame_measured"], rep["cycles_per_frame_analytic"]
+    print(f"{qmd.name}: {n} images through the RTL, {rep['integers_compared']:,} integers in "
+          f"{rep['layers_compared']} layers compared, {rep['mismatches']} mismatches "
+          f"({'bit-exact' if ok else 'MISMATCH'})")
+    if cpf_m is not None:
+        print(f"cycles/frame: measured {cpf_m:.1f}, analytic {cpf_a} ({100 * (cpf_m - cpf_a) / cpf_a:+.2f}%); "
+              f"simulation took {rep['seconds']} s")
+    print(f"wrote {out / 'sim.json'}")
+    return 0 if ok else 1
+
+
+def cmd_eval(args):
+    from hw.report import write_json
+    from models.reference import accuracy
+    qmd = _load_qmd_only(args.model)
+    images, labels = _dataset(qmd)
+    acc = accuracy(qmd, images, labels)
+    rep = {"model": qmd.name, "dataset": qmd.dataset, "test_images": len(images), "integer_accuracy": acc,
+           "qat_accuracy": qmd.provenance.get("qat_accuracy")}
+    out = build_dir(qmd.name)
+    write_json(out / "eval.json", rep)
+    qat = rep["qat_accuracy"]
+    print(f"{qmd.name}: integer reference accuracy {100 * acc:.2f}% on {len(images)} test images"
+          + (f"; QAT model at export {100 * qat:.2f}%" if qat is not None else ""))
+    print(f"wrote {out / 'eval.json'}")
+
+
+def _load_qmd_only(model):
+    from models.qmd import load_qmd
+    d = model_dir(model)
+    if not d.is_dir():
+        raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
+    return load_qmd(d)
+
+
+def cmd_check(args):
+    qmd, folding = _load(args.model, args.folding)
+    print(f"{qmd.path}: valid QMD v1 '{qmd.name}', {len(qmd.layers)} layers; folding valid for "
+          f"{len(folding)} folded layers")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="qnnfab", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_cmd(name, fn, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", required=True, help="zoo name or QMD directory")
+        p.add_argument("--folding", help="folding JSON (default: <model dir>/folding.json)")
+        p.set_defaults(fn=fn)
+        return p
+
+    model_cmd("verilog", cmd_verilog, "generate Verilog and the design report")
+    p = model_cmd("sim", cmd_sim, "RTL simulation against the integer reference")
+    p.add_argument("--images", type=int, default=100, help="number of test images (default 100)")
+    p.add_argument("--stall", type=float, default=0.0, help="probability of valid/ready stalls per cycle")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("eval", help="integer reference accuracy on the full test set")
+    p.add_argument("--model", required=True, help="zoo name or QMD directory")
+    p.set_defaults(fn=cmd_eval)
+    model_cmd("check", cmd_check, "validate a QMD and its folding")
+    for name, mod in (("train", "models.train"), ("export", "models.export")):
+        p = sub.add_parser(name, help=f"see python -m {mod} --help", add_help=False)
+        p.set_defaults(fn=None, module=mod)
+
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.fn is None:
+            import importlib
+            return importlib.import_module(args.module).main(rest) or 0
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.fn(args) or 0
+    except QnnfabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Whole accelerators from random QMDs and foldings, in Amaranth's simulator, against the
+integer reference; stage planning and folding validation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hw.folding import load_folding
+from hw.network import Accelerator, frame_cycles, plan_network
+from models.reference import ReferenceModel
+from models.synthetic import random_binary_mlp
+from qnnfab.errors import QnnfabError
+from sim.amaranth_stream import pack, run_stream, unpack
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _random_folding(rng, qmd):
+    """PE/SIMD per dense layer such that neighbouring widths divide one another."""
+    folding, prev_pe = {}, None
+    for layer in qmd.layers:
+        if layer.kind != "dense":
+            continue
+        n, m = layer.attrs["in_features"], layer.attrs["out_features"]
+        simds = [d for d in _divisors(n) if prev_pe is None or d % prev_pe == 0 or prev_pe % d == 0]
+        simd = int(rng.choice(simds))
+        pe = int(rng.choice(_divisors(m)))
+        folding[layer.name] = {"pe": pe, "simd": simd}
+        prev_pe = pe
+    return folding
+
+
+def _simulate(qmd, folding, images, stall, seed):
+    acc = Accelerator(qmd, folding)
+    acc.i, acc.o = acc.pixels, acc.result          # run_stream drives .i / .o
+    lanes = acc.stages[0].in_lanes
+    flat = images.reshape(len(images), -1)
+    beats = [pack(f[b * lanes:(b + 1) * lanes], 8) for f in flat for b in range(flat.shape[1] // lanes)]
+    out, cycles = run_stream(acc, beats, len(images), in_stall=stall, out_stall=stall, seed=seed,
+                             max_cycles=200 * len(beats) + 20 * frame_cycles(acc.stages) * len(images))
+    last = acc.stages[-1]
+    cls_w = acc.result.payload.cls.shape().width
+    classes, lw = last.params["classes"], last.params["logit_shape"].width
+    cls = np.array([w & ((1 << cls_w) - 1) for w in out])
+    logits = np.array([unpack(w >> cls_w, lw, classes, signed=True) for w in out])
+    return cls, logits, cycles, acc
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_network_matches_reference(tmp_path, seed):
+    rng = np.random.default_rng(100 + seed)
+    depth = int(rng.integers(1, 4))
+    sizes = [int(rng.choice([8, 12, 16, 24]))] + [int(rng.choice([4, 6, 8, 12])) for _ in range(depth)]
+    qmd = random_binary_mlp(tmp_path, sizes, seed=seed)
+    folding = _random_folding(rng, qmd)
+    images = rng.integers(0, 256, (5, sizes[0], 1)).astype(np.uint8)
+    cls, logits, _, _ = _simulate(qmd, folding, images, stall=0.25, seed=seed)
+    trace = ReferenceModel(qmd).trace(images)
+    assert np.array_equal(logits, trace[qmd.layers[-2].name].numpy())
+    assert np.array_equal(cls, trace["class"].numpy())
+
+
+def test_steady_state_interval_is_the_slowest_stage(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [32, 16, 8, 4], seed=5)
+    folding = {"fc0": {"pe": 4, "simd": 8}, "fc1": {"pe": 2, "simd": 8}, "fc2": {"pe": 2, "simd": 2}}
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 1)).astype(np.uint8)
+    _, _, cycles, acc = _simulate(qmd, folding, images, stall=0.0, seed=0)
+    analytic = frame_cycles(acc.stages)
+    assert analytic == 16 == (16 // 4) * (32 // 8)
+    assert np.diff(cycles)[2:].tolist() == [analytic] * (len(images) - 3)
+
+
+def test_plan_fuses_dense_and_threshold_and_joins_widths(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [16, 8, 4], seed=1)
+    stages = plan_network(qmd, {"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 8}})
+    assert [(s.name, s.engine) for s in stages] == [
+        ("binarize", "threshold_unit"), ("fc0", "xnor_mvtu"), ("dwc_fc0_fc1", "width_converter"),
+        ("fc1", "xnor_mvtu"), ("class", "argmax_output")]
+    assert [l.name for l in stages[1].layers] == ["fc0", "fc0_act"]
+    assert stages[0].in_lanes == 4 and stages[1].cycles_per_frame == 4 * 4
+
+
+def _write_folding(d, layers):
+    (d / "folding.json").write_text(json.dumps({"format": "qnnfab-folding", "layers": layers}))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"fc0": {"pe": 3, "simd": 4}}, "layer 'fc0' field 'pe': 8 output features are not divisible by PE=3"),
+    ({"fc0": {"pe": 2, "simd": 5}, "fc1": {"pe": 1, "simd": 1}},
+     "layer 'fc0' field 'simd': 16 input features are not divisible by SIMD=5"),
+    ({"fc0": {"pe": 2, "simd": 4}}, "layer 'fc1': missing folding entry"),
+    ({"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 1}, "fc9": {"pe": 1, "simd": 1}},
+     "layer 'fc9': no such layer"),
+    ({"fc0": {"pe": "2", "simd": 4}, "fc1": {"pe": 1, "simd": 1}}, "field 'pe': must be a positive integer"),
+])
+def test_bad_folding_is_one_clear_error(tmp_path, layers, message):
+    qmd = random_binary_mlp(tmp_path, [16, 8, 4], seed=1)
+    _write_folding(tmp_path, layers)
+    with pytest.raises(QnnfabError) as info:
+        load_folding(tmp_path / "folding.json", qmd)
+    assert message in str(info.value) and str(tmp_path / "folding.json") in str(info.value)
+
+
+def test_neighbouring_widths_that_do_not_divide_are_rejected(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [8, 12, 4], seed=1)
+    with pytest.raises(QnnfabError, match="layer 'fc1' field 'simd': SIMD=6 and the previous stage's 4 elements"):
+        plan_network(qmd, {"fc0": {"pe": 4, "simd": 8}, "fc1": {"pe": 1, "simd": 6}})
