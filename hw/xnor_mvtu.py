@@ -25,7 +25,7 @@ pipeline; nothing is lost or duplicated.
 """
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -154,10 +154,11 @@ class XnorMVTU(wiring.Component):
         rsel = Signal()
         nf_a = Signal(range(nf))
         sf_a = Signal(range(sf))
+        waddr = Signal(range(nf * sf))   # = nf_a*SF + sf_a, kept as a counter (no multiplier)
         valid_a = Signal()
         m.d.comb += valid_a.eq(full[rsel])
         m.d.comb += [
-            w_rd.addr.eq(nf_a * sf + sf_a),
+            w_rd.addr.eq(waddr),
             w_rd.en.eq(advance),
             in_rd.addr.eq(rsel * sf + sf_a),
             in_rd.en.eq(advance),
@@ -165,6 +166,7 @@ class XnorMVTU(wiring.Component):
         if self.n_thresholds:
             m.d.comb += [t_rd.addr.eq(nf_a), t_rd.en.eq(advance)]
         with m.If(advance & valid_a):
+            m.d.sync += waddr.eq(Mux(waddr == nf * sf - 1, 0, waddr + 1))
             with m.If(sf_a == sf - 1):
                 m.d.sync += sf_a.eq(0)
                 with m.If(nf_a == nf - 1):
