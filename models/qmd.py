@@ -24,7 +24,7 @@ MANIFEST = "qmd.json"
 ARRAYS = "qmd.npz"
 
 INPUT_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
-LAYER_KINDS = ("threshold", "dense", "argmax")
+LAYER_KINDS = ("threshold", "dense", "conv2d", "maxpool", "argmax")
 WEIGHT_KINDS = ("binary",)
 INT32 = (-(2**31), 2**31 - 1)
 
@@ -76,7 +76,8 @@ class Layer:
 
     @property
     def weights(self):
-        """Dense weights as int8 ``[out_features, in_features]`` with values -1/+1."""
+        """Weights as an int8 -1/+1 matrix ``[outputs, fan-in]``; for conv2d the fan-in is
+        flattened in (ky, kx, c) order."""
         return self.arrays["weights"]
 
 
@@ -283,37 +284,99 @@ def _parse_threshold(layer, lj, arrays, where):
     layer.out_shape, layer.out_act = layer.in_shape, out
 
 
-def _parse_dense(layer, lj, arrays, where):
+def _positive(lj, key, where, layer, minimum=1):
+    v = _field(lj, key, int, where, layer)
+    if v < minimum:
+        raise QnnfabError(f"must be an integer >= {minimum}, got {v}", where=where(layer, key))
+    return v
+
+
+def _binary_weights(layer, lj, arrays, where, rows, fan_in):
+    """The packed binary ``weights`` array -> int8 -1/+1 matrix ``[rows, fan_in]``."""
     n = layer.name
-    in_f = _field(lj, "in_features", int, where, n)
-    out_f = _field(lj, "out_features", int, where, n)
-    for fld, v in (("in_features", in_f), ("out_features", out_f)):
-        if v <= 0:
-            raise QnnfabError(f"must be positive, got {v}", where=where(n, fld))
-    flat = int(np.prod(layer.in_shape))
-    if flat != in_f:
-        raise QnnfabError(f"is {in_f} but the incoming tensor {list(layer.in_shape)} has {flat} elements",
-                          where=where(n, "in_features"))
     wkind = _field(lj, "weight", str, where, n)
     if wkind not in WEIGHT_KINDS:
         raise QnnfabError(f"unsupported weight kind {wkind!r} (supported: {', '.join(WEIGHT_KINDS)})",
                           where=where(n, "weight"))
-    packed = _array(arrays, n, "weights", where, (out_f, (in_f + 7) // 8), dtype_kind="u")
+    packed = _array(arrays, n, "weights", where, (rows, (fan_in + 7) // 8), dtype_kind="u")
     if packed.dtype != np.uint8:
         raise QnnfabError(f"binary weights must be packed bits of dtype uint8, got {packed.dtype}",
                           where=where(n, "weights"))
     bits = np.unpackbits(packed, axis=1, bitorder="little")
-    if bits[:, in_f:].any():
-        raise QnnfabError("padding bits beyond in_features must be zero", where=where(n, "weights"))
-    w = bits[:, :in_f].astype(np.int8) * 2 - 1
+    if bits[:, fan_in:].any():
+        raise QnnfabError("padding bits beyond the fan-in must be zero", where=where(n, "weights"))
+    return bits[:, :fan_in].astype(np.int8) * 2 - 1
+
+
+def _dot_act(w, in_act):
+    """Interval arithmetic: the range of sum_k w[o,k]*x[k] over x in [lo, hi], hulled over o."""
+    hi = np.where(w > 0, in_act.hi, -in_act.lo).sum(axis=1)
+    lo = np.where(w > 0, in_act.lo, -in_act.hi).sum(axis=1)
+    return Act.int_range(int(lo.min()), int(hi.max()))
+
+
+def _parse_dense(layer, lj, arrays, where):
+    n = layer.name
+    in_f = _positive(lj, "in_features", where, n)
+    out_f = _positive(lj, "out_features", where, n)
+    flat = int(np.prod(layer.in_shape))
+    if flat != in_f:
+        raise QnnfabError(f"is {in_f} but the incoming tensor {list(layer.in_shape)} has {flat} elements",
+                          where=where(n, "in_features"))
+    w = _binary_weights(layer, lj, arrays, where, out_f, in_f)
     layer.arrays = {"weights": w}
-    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": wkind}
-    a_lo, a_hi = layer.in_act.lo, layer.in_act.hi
-    # interval arithmetic: each output sums w*x over its fan-in, w in {-1,+1}
-    hi = np.where(w > 0, a_hi, -a_lo).sum(axis=1)
-    lo = np.where(w > 0, a_lo, -a_hi).sum(axis=1)
+    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": lj["weight"]}
     layer.out_shape = (out_f,)
-    layer.out_act = Act.int_range(int(lo.min()), int(hi.max()))
+    layer.out_act = _dot_act(w, layer.in_act)
+
+
+def _spatial_input(layer, where):
+    if len(layer.in_shape) != 3:
+        raise QnnfabError(f"needs an [H, W, C] input, got shape {list(layer.in_shape)}",
+                          where=where(layer.name, "kind"))
+    return layer.in_shape
+
+
+def _parse_conv2d(layer, lj, arrays, where):
+    n = layer.name
+    h, w_, c = _spatial_input(layer, where)
+    cin = _positive(lj, "in_channels", where, n)
+    if cin != c:
+        raise QnnfabError(f"is {cin} but the incoming tensor {list(layer.in_shape)} has {c} channels",
+                          where=where(n, "in_channels"))
+    cout = _positive(lj, "out_channels", where, n)
+    k = _positive(lj, "kernel", where, n)
+    stride = _positive(lj, "stride", where, n)
+    pad = _positive(lj, "padding", where, n, minimum=0)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w_ + 2 * pad - k) // stride + 1
+    if oh < 1 or ow < 1:
+        raise QnnfabError(f"a {k}x{k} kernel does not fit the {h}x{w_} input with padding {pad}",
+                          where=where(n, "kernel"))
+    attrs = {"in_channels": cin, "out_channels": cout, "kernel": k, "stride": stride, "padding": pad,
+             "weight": lj.get("weight")}
+    if pad:
+        pv = _field(lj, "pad_value", int, where, n)
+        allowed = (-1, 1) if layer.in_act.kind == "binary" else range(layer.in_act.lo, layer.in_act.hi + 1)
+        if pv not in allowed:
+            raise QnnfabError(f"{pv} is not a value of the {layer.in_act.kind} input", where=where(n, "pad_value"))
+        attrs["pad_value"] = pv
+    wm = _binary_weights(layer, lj, arrays, where, cout, k * k * cin)
+    layer.arrays = {"weights": wm}
+    layer.attrs = attrs
+    layer.out_shape = (oh, ow, cout)
+    layer.out_act = _dot_act(wm, layer.in_act)
+
+
+def _parse_maxpool(layer, lj, arrays, where):
+    n = layer.name
+    h, w_, c = _spatial_input(layer, where)
+    k = _positive(lj, "kernel", where, n)
+    stride = _positive(lj, "stride", where, n)
+    if k > h or k > w_:
+        raise QnnfabError(f"a {k}x{k} window does not fit the {h}x{w_} input", where=where(n, "kernel"))
+    layer.attrs = {"kernel": k, "stride": stride}
+    layer.out_shape = ((h - k) // stride + 1, (w_ - k) // stride + 1, c)
+    layer.out_act = layer.in_act
 
 
 def _parse_argmax(layer, lj, arrays, where):
@@ -324,7 +387,8 @@ def _parse_argmax(layer, lj, arrays, where):
     layer.out_act = Act.int_range(0, layer.in_shape[0] - 1)
 
 
-_PARSERS = {"threshold": _parse_threshold, "dense": _parse_dense, "argmax": _parse_argmax}
+_PARSERS = {"threshold": _parse_threshold, "dense": _parse_dense, "conv2d": _parse_conv2d,
+            "maxpool": _parse_maxpool, "argmax": _parse_argmax}
 
 
 # --------------------------------------------------------------------------- writing

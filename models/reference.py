@@ -9,6 +9,7 @@ is an integer whose magnitude the loader bounds (interval arithmetic) far below
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.qmd import Qmd, load_qmd
 
@@ -26,10 +27,11 @@ class ReferenceModel:
         self.qmd = qmd if isinstance(qmd, Qmd) else load_qmd(qmd)
         self._weights = {}
         for layer in self.qmd.layers:
-            if layer.kind == "dense":
-                bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * layer.attrs["in_features"]
+            if layer.kind in ("dense", "conv2d"):
+                w = layer.weights
+                bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * w.shape[1]
                 assert bound < _EXACT_F64, f"{layer.name}: accumulator range too large for exact float64"
-                self._weights[layer.name] = torch.from_numpy(layer.weights.astype(np.float64))
+                self._weights[layer.name] = torch.from_numpy(w.astype(np.float64))
 
     def trace(self, x):
         x = torch.as_tensor(np.asarray(x)).to(torch.int64)
@@ -64,6 +66,22 @@ class ReferenceModel:
         flat = x.reshape(x.shape[0], -1).to(torch.float64)
         y = flat @ self._weights[layer.name].T
         return y.round().to(torch.int64)
+
+    def _conv2d(self, layer, x):
+        a = layer.attrs
+        k, cin = a["kernel"], a["in_channels"]
+        # [Cout, K*K*Cin] in (ky, kx, c) order -> torch's [Cout, Cin, K, K]
+        w = self._weights[layer.name].reshape(-1, k, k, cin).permute(0, 3, 1, 2)
+        xc = x.permute(0, 3, 1, 2).to(torch.float64)                    # NHWC -> NCHW
+        if a["padding"]:
+            p = a["padding"]
+            xc = F.pad(xc, (p, p, p, p), value=float(a["pad_value"]))
+        y = F.conv2d(xc, w, stride=a["stride"])
+        return y.permute(0, 2, 3, 1).round().to(torch.int64)              # NCHW -> NHWC
+
+    def _maxpool(self, layer, x):
+        y = F.max_pool2d(x.permute(0, 3, 1, 2).to(torch.float64), layer.attrs["kernel"], layer.attrs["stride"])
+        return y.permute(0, 2, 3, 1).to(torch.int64)
 
     def _argmax(self, layer, x):
         # torch.argmax returns the first maximal index, as the spec requires

@@ -50,7 +50,8 @@ def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max
     """Simulate ``dut``; returns ``(out_beats, out_cycles)`` (payloads as ints).
 
     ``in_stall``/``out_stall`` are the probabilities of holding ``valid``/``ready`` low
-    on a cycle. Fails if fewer than ``n_out`` beats appear within ``max_cycles``.
+    on a cycle. Fails if fewer than ``n_out`` beats appear, or if some input beat is not
+    accepted, within ``max_cycles``.
     """
     rng = random.Random(seed)
     out, cycles = [], []
@@ -60,12 +61,16 @@ def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max
     o_payload = getattr(o_payload, "as_value", lambda: o_payload)()
 
     async def producer(ctx):
-        for beat in in_beats:
+        waited = 0
+        for k, beat in enumerate(in_beats):
             while rng.random() < in_stall:
                 await ctx.tick()
             ctx.set(dut.i.valid, 1)
             ctx.set(i_payload, beat)
-            await ctx.tick().until(dut.i.ready)
+            while not (await ctx.tick().sample(dut.i.ready))[2]:
+                waited += 1
+                if waited > max_cycles:
+                    raise AssertionError(f"input beat {k} of {len(in_beats)} not accepted after {waited} cycles")
             ctx.set(dut.i.valid, 0)
 
     async def consumer(ctx):
@@ -84,7 +89,7 @@ def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max
 
     sim = Simulator(_WithClock(dut))
     sim.add_clock(1e-8)
-    sim.add_testbench(producer, background=True)
+    sim.add_testbench(producer)
     sim.add_testbench(consumer)
     sim.run()
     return out, cycles

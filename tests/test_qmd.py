@@ -99,7 +99,7 @@ def test_padding_bits_must_be_zero(tmp_path):
         w[0, 1] |= 0x80
         a["fc0.weights"] = w
     _edit_arrays(tmp_path, set_padding)
-    with pytest.raises(QnnfabError, match="padding bits beyond in_features must be zero"):
+    with pytest.raises(QnnfabError, match="padding bits beyond the fan-in must be zero"):
         load_qmd(tmp_path)
 
 

@@ -1,0 +1,83 @@
+"""The integer reference against a direct, loop-by-loop reading of docs/qmd-spec.md."""
+
+import numpy as np
+import pytest
+
+from models.reference import ReferenceModel
+from models.synthetic import random_binary_cnn, random_binary_mlp
+
+
+def _spec_threshold(x, layer):
+    thr, d = layer.arrays["thresholds"], layer.arrays["direction"]
+    c = np.arange(x.shape[-1])
+    xe = x[..., None]
+    count = np.where(d[c][:, None] > 0, xe >= thr[c], xe <= thr[c]).sum(-1)
+    return 2 * count - 1 if layer.out_act.kind == "binary" else count
+
+
+def _spec_conv(x, layer):
+    a = layer.attrs
+    k, s, p = a["kernel"], a["stride"], a["padding"]
+    w = layer.weights.reshape(-1, k, k, a["in_channels"]).astype(np.int64)
+    h, wd, _ = x.shape
+    xp = np.full((h + 2 * p, wd + 2 * p, x.shape[2]), a.get("pad_value", 0), dtype=np.int64)
+    xp[p:p + h, p:p + wd] = x
+    oh, ow = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    y = np.zeros((oh, ow, w.shape[0]), dtype=np.int64)
+    for oy in range(oh):
+        for ox in range(ow):
+            win = xp[oy * s:oy * s + k, ox * s:ox * s + k]
+            for o in range(w.shape[0]):
+                y[oy, ox, o] = int((w[o] * win).sum())
+    return y
+
+
+def _spec_maxpool(x, layer):
+    k, s = layer.attrs["kernel"], layer.attrs["stride"]
+    oh, ow = (x.shape[0] - k) // s + 1, (x.shape[1] - k) // s + 1
+    return np.array([[x[oy * s:oy * s + k, ox * s:ox * s + k].max(axis=(0, 1)) for ox in range(ow)]
+                     for oy in range(oh)])
+
+
+def _spec_run(qmd, image):
+    x, outs = image.astype(np.int64), {}
+    for layer in qmd.layers:
+        if layer.kind == "threshold":
+            x = _spec_threshold(x, layer)
+        elif layer.kind == "dense":
+            x = layer.weights.astype(np.int64) @ x.reshape(-1)
+        elif layer.kind == "conv2d":
+            x = _spec_conv(x, layer)
+        elif layer.kind == "maxpool":
+            x = _spec_maxpool(x, layer)
+        elif layer.kind == "argmax":
+            x = np.int64(int(np.argmax(x)))
+        outs[layer.name] = x
+    return outs
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: random_binary_mlp(d, [20, 12, 6], input_shape=[5, 4, 1], seed=4),
+    lambda d: random_binary_cnn(d, seed=5),
+    lambda d: random_binary_cnn(d, input_shape=(9, 7, 2), convs=((3, 3, 2, 1, False), (4, 2, 1, 1, True)), seed=6),
+], ids=["mlp", "cnn-pad-pool", "cnn-stride2"])
+def test_reference_equals_the_spec_read_literally(tmp_path, make):
+    qmd = make(tmp_path)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4,) + tuple(qmd.input_shape)).astype(np.uint8)
+    trace = ReferenceModel(qmd).trace(images)
+    for i, image in enumerate(images):
+        for name, expect in _spec_run(qmd, image).items():
+            assert np.array_equal(trace[name][i].numpy(), expect), name
+
+
+def test_argmax_takes_the_first_maximum(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [8, 4], seed=0)
+    ref = ReferenceModel(qmd)
+    assert int(ref._argmax(None, __import__("torch").tensor([[3, 5, 5, 1]]))[0]) == 1
+
+
+def test_input_out_of_range_is_rejected(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [8, 4], seed=0)
+    with pytest.raises(ValueError, match="expected"):
+        ReferenceModel(qmd).trace(np.zeros((2, 9, 1)))
