@@ -25,6 +25,17 @@ def popcount(value):
     return terms[0]
 
 
+def sum_tree(terms):
+    """Sum of (signed or unsigned) values as a balanced adder tree."""
+    terms = list(terms)
+    while len(terms) > 1:
+        nxt = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        if len(terms) % 2:
+            nxt.append(terms[-1])
+        terms = nxt
+    return terms[0]
+
+
 def ge_threshold_count(value, thresholds, invert):
     """How many of ``thresholds`` are met: sum over i of ``(value >= thresholds[i]) ^ invert``.
 
@@ -61,4 +72,4 @@ def threshold_shape(ge_rows, lo, hi):
     return Shape.cast(range(min(flat), max(flat) + 1))
 
 
-__all__ = ["bits_for", "popcount", "ge_threshold_count", "to_ge_thresholds", "threshold_shape", "unsigned"]
+__all__ = ["bits_for", "popcount", "sum_tree", "ge_threshold_count", "to_ge_thresholds", "threshold_shape", "unsigned"]

@@ -4,8 +4,9 @@ Format (``models/zoo/<model>/folding.json``)::
 
     {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 16, "simd": 49}, ...}}
 
-Every ``dense`` layer needs an entry: ``pe`` must divide its output features and
-``simd`` its input features. Errors name the file, the layer and the field.
+Every ``dense`` and ``conv2d`` layer needs an entry: ``pe`` must divide its outputs
+(features or channels) and ``simd`` its fan-in (features, or K*K*Cin window elements;
+for a convolution SIMD must also divide Cin). Errors name the file, the layer and the field.
 """
 
 import json
@@ -15,7 +16,7 @@ from qnnfab.errors import QnnfabError
 
 FORMAT = "qnnfab-folding"
 FILENAME = "folding.json"
-FOLDED_KINDS = ("dense",)
+FOLDED_KINDS = ("dense", "conv2d")
 
 
 def _divisors(n):
@@ -53,8 +54,9 @@ def validate_folding(layers, qmd, where="<folding>"):
         if not isinstance(entry, dict):
             raise QnnfabError(f"layer '{layer.name}': missing folding entry {{\"pe\": .., \"simd\": ..}}",
                               where=where)
-        m, n = layer.attrs["out_features"], layer.attrs["in_features"]
-        for fld, total, what in (("pe", m, "output features"), ("simd", n, "input features")):
+        m, n = layer.weights.shape     # outputs (channels) and fan-in (K*K*Cin for a convolution)
+        for fld, total, what in (("pe", m, "output features" if layer.kind == "dense" else "output channels"),
+                                 ("simd", n, "input features" if layer.kind == "dense" else "window elements")):
             v = entry.get(fld)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise QnnfabError(f"layer '{layer.name}' field '{fld}': must be a positive integer, got {v!r}",

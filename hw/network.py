@@ -21,10 +21,12 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.argmax_output import ArgmaxOutput, result_layout
-from hw.arith import bits_for, to_ge_thresholds
+from hw.arith import bits_for
+from hw.maxpool import MaxPool
+from hw.mvtu import MVTU
+from hw.sliding_window import SlidingWindow
 from hw.threshold_unit import ThresholdUnit
 from hw.width_converter import StreamWidthConverter
-from hw.xnor_mvtu import XnorMVTU
 from qnnfab.errors import QnnfabError
 
 
@@ -33,7 +35,8 @@ class Stage:
     """One hardware stage of the pipeline and what it produces per frame."""
 
     name: str                 # the (first) QMD layer it implements, or dwc_<a>_<b> for a converter
-    engine: str               # threshold_unit | xnor_mvtu | width_converter | argmax_output
+    engine: str               # threshold_unit | xnor_mvtu | addsub_mvtu | sliding_window | maxpool
+                              # | width_converter | argmax_output
     layers: list              # the QMD layers it implements (empty for a width converter)
     in_lanes: int
     out_lanes: int
@@ -44,16 +47,21 @@ class Stage:
     pe: int = None
     simd: int = None
     params: dict = field(default_factory=dict)
+    carries: str = None       # for stages that implement no layer: the layer whose values they carry
 
     @property
     def kind(self):
-        """The QMD layer kind it implements (``width_converter`` for a converter)."""
-        return self.layers[0].kind if self.layers else "width_converter"
+        """The QMD layer kind it implements (or the engine, for helper stages)."""
+        return self.layers[0].kind if self.layers else self.engine
 
     @property
     def compared_layer(self):
         """The QMD layer whose reference output this stage's stream must equal."""
         return self.layers[-1] if self.layers else None
+
+
+def _input_shape(act):
+    return unsigned(act.bits) if act.lo >= 0 else signed(act.bits)
 
 
 def _unsupported(qmd, layer, what):
@@ -76,13 +84,33 @@ def plan_network(qmd, folding):
             stages.append(Stage(layer.name, "threshold_unit", [layer], None, None, elems,
                                 unsigned(bits_for(len(layer.arrays["thresholds"][0]))), layer.out_act))
             i += 1
-        elif layer.kind == "dense":
-            if layer.in_act.kind != "binary":
-                _unsupported(qmd, layer, f"dense layers with {layer.in_act.kind} inputs have no engine yet "
-                             "(supported: binary weights x binary activations)")
+        elif layer.kind in ("dense", "conv2d"):
             f = folding[layer.name]
             pe, simd = f["pe"], f["simd"]
-            m, n = layer.attrs["out_features"], layer.attrs["in_features"]
+            m, n = layer.weights.shape
+            binary_in = layer.in_act.kind == "binary"
+            if layer.kind == "conv2d":
+                h, w, c = layer.in_shape
+                if c % simd:
+                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                    raise QnnfabError(f"layer '{layer.name}' field 'simd': the sliding window reads one channel "
+                                      f"block per cycle, so SIMD={simd} must divide the {c} input channels",
+                                      where=where)
+                a = layer.attrs
+                pad = a.get("pad_value", -1 if binary_in else 0)
+                swg = Stage(f"swg_{layer.name}", "sliding_window", [], simd, simd, 0,
+                            unsigned(1) if binary_in else _input_shape(layer.in_act), layer.in_act,
+                            params={"height": h, "width": w, "channels": c, "kernel": a["kernel"],
+                                    "stride": a["stride"], "padding": a["padding"],
+                                    "pad_value": (pad + 1) // 2 if binary_in else pad})
+                oh, ow, _ = layer.out_shape
+                windows = oh * ow
+                swg.out_elems = windows * n
+                swg.cycles_per_frame = max(windows * n, h * w * c) // simd
+                swg.carries = layer.name   # the conv whose input windows it emits
+                stages.append(swg)
+            else:
+                windows = 1
             fused = [layer]
             if nxt is not None and nxt.kind == "threshold":
                 fused.append(nxt)
@@ -90,13 +118,25 @@ def plan_network(qmd, folding):
                 out_shape = unsigned(bits_for(len(nxt.arrays["thresholds"][0])))
             else:
                 out_act = layer.out_act
-                out_shape = signed(bits_for(n) + 1)
-            stages.append(Stage(layer.name, "xnor_mvtu", fused, simd, pe, m, out_shape, out_act,
-                                cycles_per_frame=(m // pe) * (n // simd), pe=pe, simd=simd))
+                out_shape = signed(bits_for(max(abs(out_act.lo), abs(out_act.hi))) + 1)
+            stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
+                                windows * m, out_shape, out_act,
+                                cycles_per_frame=windows * (m // pe) * (n // simd), pe=pe, simd=simd))
             i += len(fused)
+        elif layer.kind == "maxpool":
+            prev = stages[-1] if stages else None
+            if prev is None or layer.in_act.kind not in ("binary", "uint"):
+                _unsupported(qmd, layer, "max-pool needs binary or unsigned activations from a previous stage")
+            if layer.attrs["stride"] != layer.attrs["kernel"]:
+                _unsupported(qmd, layer, "the max-pool engine supports stride == kernel only")
+            h, w, c = layer.in_shape
+            stages.append(Stage(layer.name, "maxpool", [layer], prev.out_lanes, prev.out_lanes, elems,
+                                prev.out_shape, layer.out_act, cycles_per_frame=h * w * c // prev.out_lanes,
+                                params={"height": h, "width": w, "channels": c, "kernel": layer.attrs["kernel"]}))
+            i += 1
         elif layer.kind == "argmax":
             prev = stages[-1] if stages else None
-            if prev is None or prev.engine != "xnor_mvtu" or prev.out_act.kind != "int":
+            if prev is None or not prev.engine.endswith("_mvtu") or prev.out_act.kind != "int":
                 _unsupported(qmd, layer, "argmax must follow a dense layer that outputs integer logits")
             classes = layer.in_shape[0]
             stages.append(Stage(layer.name, "argmax_output", [layer], prev.out_lanes, 1, 1, None, None,
@@ -130,7 +170,8 @@ def plan_network(qmd, folding):
                                   f"{a} elements per beat must divide one another", where=where)
             joined.append(Stage(f"dwc_{prev.name}_{s.name}", "width_converter", [], a, b, prev.out_elems,
                                 prev.out_shape, prev.out_act,
-                                cycles_per_frame=max(prev.out_elems // a, prev.out_elems // b)))
+                                cycles_per_frame=max(prev.out_elems // a, prev.out_elems // b),
+                                carries=prev.compared_layer.name if prev.compared_layer else prev.carries))
         joined.append(s)
     return joined
 
@@ -173,14 +214,22 @@ class Accelerator(wiring.Component):
             return ThresholdUnit(self.pixel_shape if layer is self.qmd.layers[0] else s.out_shape,
                                  layer.arrays["thresholds"], layer.arrays["direction"],
                                  lanes=s.in_lanes, in_range=(layer.in_act.lo, layer.in_act.hi))
-        if s.engine == "xnor_mvtu":
-            thresholds = None
-            if len(s.layers) == 2:
-                thr = s.layers[1]
-                n = layer.attrs["in_features"]
-                # spec: dot = 2*P - N, with P the popcount the engine accumulates
-                thresholds = to_ge_thresholds(thr.arrays["thresholds"], thr.arrays["direction"], scale=2, offset=-n)
-            return XnorMVTU(layer.weights, pe=s.pe, simd=s.simd, thresholds=thresholds)
+        if s.engine in ("xnor_mvtu", "addsub_mvtu"):
+            thr = s.layers[1] if len(s.layers) == 2 else None
+            binary_in = s.engine == "xnor_mvtu"
+            return MVTU(layer.weights, pe=s.pe, simd=s.simd,
+                        thresholds=None if thr is None else thr.arrays["thresholds"],
+                        direction=None if thr is None else thr.arrays["direction"],
+                        in_shape=None if binary_in else _input_shape(layer.in_act),
+                        in_range=None if binary_in else (layer.in_act.lo, layer.in_act.hi))
+        if s.engine == "sliding_window":
+            p = s.params
+            return SlidingWindow(s.out_shape, p["height"], p["width"], p["channels"], p["kernel"],
+                                 stride=p["stride"], padding=p["padding"], pad_value=p["pad_value"], simd=s.in_lanes)
+        if s.engine == "maxpool":
+            p = s.params
+            return MaxPool(s.out_shape, p["height"], p["width"], p["channels"], p["kernel"], lanes=s.in_lanes,
+                           binary=s.out_act.kind == "binary")
         if s.engine == "width_converter":
             return StreamWidthConverter(s.out_shape, s.in_lanes, s.out_lanes)
         if s.engine == "argmax_output":

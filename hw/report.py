@@ -23,22 +23,33 @@ from hw.network import frame_cycles
 
 def estimate_stage(s):
     """First-order resources of one stage: memory bits, LUTs and flip-flops."""
-    if s.engine == "xnor_mvtu":
+    if s.engine in ("xnor_mvtu", "addsub_mvtu"):
         layer = s.layers[0]
-        m, n = layer.attrs["out_features"], layer.attrs["in_features"]
-        acc = bits_for(n)
+        m, n = layer.weights.shape
+        in_bits = 1 if s.engine == "xnor_mvtu" else layer.in_act.bits
+        acc = bits_for(n) + in_bits
         n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
         thr_bits = m * (n_thr * bits_for(n + 1) + 1) if n_thr else 0
         # per PE: SIMD XNOR + popcount tree (~SIMD LUT4), accumulator adder + mux (2/bit),
         # comparators (1/bit each); out register and accumulator flip-flops
-        luts = s.pe * (2 * s.simd + 2 * acc + n_thr * acc) + 4 * bits_for(m * n)
+        # add/subtract of in_bits-wide inputs costs ~in_bits LUTs per element instead of ~2 per bit
+        luts = s.pe * (2 * s.simd * in_bits + 2 * acc + n_thr * acc) + 4 * bits_for(m * n)
         ffs = s.pe * (acc + s.out_shape.width) + 2 * bits_for(m * n) + 8
-        return {"weight_bits": m * n, "buffer_bits": 2 * n + thr_bits, "luts": luts, "ffs": ffs}
+        return {"weight_bits": m * n, "buffer_bits": 2 * n * in_bits + thr_bits, "luts": luts, "ffs": ffs}
     lanes = max(s.in_lanes, s.out_lanes)
     width = s.out_shape.width if s.out_shape is not None else 8
     if s.engine == "threshold_unit":
         t = len(s.layers[0].arrays["thresholds"][0])
         return {"weight_bits": 0, "buffer_bits": 0, "luts": lanes * t * 8, "ffs": lanes * width + 2}
+    if s.engine == "sliding_window":
+        p = s.params
+        rows = 2 * p["kernel"] + p["stride"]
+        return {"weight_bits": 0, "buffer_bits": rows * p["width"] * p["channels"] * width,
+                "luts": lanes * width + 60, "ffs": lanes * width + 60}
+    if s.engine == "maxpool":
+        p = s.params
+        return {"weight_bits": 0, "buffer_bits": p["width"] // p["kernel"] * p["channels"] * width,
+                "luts": lanes * width * 2 + 30, "ffs": lanes * width * 2 + 30}
     if s.engine == "width_converter":
         return {"weight_bits": 0, "buffer_bits": 0, "luts": lanes * width, "ffs": 2 * lanes * width + 4}
     if s.engine == "argmax_output":

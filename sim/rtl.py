@@ -38,6 +38,35 @@ def stream_values(layer_out, act):
     return (flat + 1) // 2 if act is not None and act.kind == "binary" else flat
 
 
+def window_stream(x, kernel, stride, padding, pad_value):
+    """The sliding-window stream of a channels-last batch ``x`` [B, H, W, C]: per output
+    pixel (row-major), the window in (ky, kx, c) order, padded with ``pad_value``."""
+    import torch
+    import torch.nn.functional as F
+    t = torch.as_tensor(np.asarray(x)).permute(0, 3, 1, 2).to(torch.float64)
+    if padding:
+        t = F.pad(t, (padding,) * 4, value=float(pad_value))
+    b, c = t.shape[:2]
+    cols = F.unfold(t, kernel, stride=stride)                      # [B, C*K*K, L], (c, ky, kx) order
+    cols = cols.reshape(b, c, kernel, kernel, -1).permute(0, 4, 2, 3, 1)  # [B, L, ky, kx, c]
+    return cols.reshape(b, -1).round().to(torch.int64).numpy()
+
+
+def _expected_stream(stage, qmd, trace, images, previous):
+    """What the reference says ``stage``'s output stream carries, as flat integers; and its name."""
+    if stage.engine == "width_converter":
+        return previous, f"{stage.carries} (regrouped)"
+    if stage.engine == "sliding_window":
+        conv = qmd.layer(stage.carries)
+        k = qmd.layers.index(conv)
+        x = trace[qmd.layers[k - 1].name].numpy() if k else np.asarray(images)
+        a = conv.attrs
+        win = window_stream(x, a["kernel"], a["stride"], a["padding"], a.get("pad_value", 0))
+        return stream_values(win, conv.in_act).reshape(-1), f"windows of {conv.name}'s input"
+    layer = stage.compared_layer
+    return stream_values(trace[layer.name].numpy(), stage.out_act).reshape(-1), layer.name
+
+
 def _steady_interval(cycles, beats_per_frame=1, warmup=2):
     """Mean cycles between frame starts, skipping the pipeline-filling first frames."""
     starts = np.asarray(cycles)[::beats_per_frame]
@@ -83,18 +112,16 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
     # ---- compare with the reference, every integer
     trace = ReferenceModel(qmd).trace(images)
     per_layer, mismatches, compared = [], 0, []
-    carried = None   # the layer a width converter's stream carries
+    expect = None
     for s in stages[:-1]:
-        layer = s.compared_layer or carried
-        carried = layer
-        expect = stream_values(trace[layer.name].numpy(), s.out_act).reshape(-1)
+        expect, what = _expected_stream(s, qmd, trace, images, expect)
         seen = got[f"tap.{s.name}"]
         n = min(len(seen), len(expect))
         bad = int((seen[:n] != expect[:n]).sum()) + abs(len(seen) - len(expect))
         mismatches += bad
         if s.compared_layer is not None:
-            compared.append(layer.name)
-        per_layer.append({"stage": s.name, "layer": layer.name, "engine": s.engine, "integers": int(len(expect)),
+            compared.append(s.compared_layer.name)
+        per_layer.append({"stage": s.name, "carries": what, "engine": s.engine, "integers": int(len(expect)),
                           "mismatches": bad, "cycles_per_frame_analytic": s.cycles_per_frame,
                           "cycles_per_frame_measured": _steady_interval(got[f"tap_cycles.{s.name}"],
                                                                         s.out_elems // s.out_lanes)})
@@ -105,7 +132,7 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
     bad_cls = int((got["cls"] != exp_cls).sum())
     mismatches += bad_logits + bad_cls
     compared.append(qmd.layers[-1].name)
-    per_layer.append({"stage": last.name, "layer": f"{logits_layer.name}+{qmd.layers[-1].name}",
+    per_layer.append({"stage": last.name, "carries": f"{logits_layer.name}+{qmd.layers[-1].name}",
                       "engine": last.engine, "integers": int(exp_logits.size + exp_cls.size),
                       "mismatches": bad_logits + bad_cls, "cycles_per_frame_analytic": last.cycles_per_frame,
                       "cycles_per_frame_measured": _steady_interval(got["result_cycles"])})

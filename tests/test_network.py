@@ -9,7 +9,7 @@ import pytest
 from hw.folding import load_folding
 from hw.network import Accelerator, frame_cycles, plan_network
 from models.reference import ReferenceModel
-from models.synthetic import random_binary_mlp
+from models.synthetic import random_binary_cnn, random_binary_mlp
 from qnnfab.errors import QnnfabError
 from sim.amaranth_stream import pack, run_stream, unpack
 
@@ -108,3 +108,36 @@ def test_neighbouring_widths_that_do_not_divide_are_rejected(tmp_path):
     qmd = random_binary_mlp(tmp_path, [8, 12, 4], seed=1)
     with pytest.raises(QnnfabError, match="layer 'fc1' field 'simd': SIMD=6 and the previous stage's 4 elements"):
         plan_network(qmd, {"fc0": {"pe": 4, "simd": 8}, "fc1": {"pe": 1, "simd": 6}})
+
+
+CNN_CASES = [
+    # (input shape, convs (cout, k, stride, pad, pool), folding)
+    ((8, 8, 3), ((4, 3, 1, 0, True), (6, 3, 1, 0, False)),
+     {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 3, "simd": 4}, "fc": {"pe": 5, "simd": 6}}),
+    ((6, 6, 2), ((4, 3, 1, 1, False), (4, 3, 2, 1, True)),
+     {"conv0": {"pe": 4, "simd": 1}, "conv1": {"pe": 1, "simd": 2}, "fc": {"pe": 1, "simd": 4}}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CNN_CASES)))
+def test_random_cnn_matches_reference(tmp_path, case):
+    """Sliding window -> add/subtract MVTU (uint8 x binary) -> max-pool -> XNOR MVTU -> dense -> argmax."""
+    shape, convs, folding = CNN_CASES[case]
+    qmd = random_binary_cnn(tmp_path, input_shape=shape, convs=convs, seed=case)
+    images = np.random.default_rng(case).integers(0, 256, (3,) + shape).astype(np.uint8)
+    cls, logits, cycles, acc = _simulate(qmd, folding, images, stall=0.2, seed=case)
+    engines = [s.engine for s in acc.stages]
+    assert {"sliding_window", "addsub_mvtu", "xnor_mvtu", "argmax_output"} <= set(engines)
+    trace = ReferenceModel(qmd).trace(images)
+    assert np.array_equal(logits, trace["fc"].numpy())
+    assert np.array_equal(cls, trace["class"].numpy())
+
+
+def test_cnn_frame_interval_is_the_slowest_stage(tmp_path):
+    shape, convs, folding = CNN_CASES[0]
+    qmd = random_binary_cnn(tmp_path, input_shape=shape, convs=convs, seed=0)
+    images = np.random.default_rng(1).integers(0, 256, (6,) + shape).astype(np.uint8)
+    _, _, cycles, acc = _simulate(qmd, folding, images, stall=0.0, seed=0)
+    analytic = frame_cycles(acc.stages)
+    measured = np.diff(cycles)[2:]
+    assert abs(measured.mean() - analytic) <= 0.05 * analytic, (measured, analytic)

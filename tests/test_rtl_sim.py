@@ -7,7 +7,7 @@ import numpy as np
 from hw.folding import load_folding
 from models.data import load_dataset
 from models.qmd import load_qmd
-from models.synthetic import random_binary_mlp
+from models.synthetic import random_binary_cnn, random_binary_mlp
 from qnnfab.paths import ZOO_DIR
 from sim.rtl import simulate
 
@@ -33,3 +33,16 @@ def test_bnn_mnist_real_images_bit_exact_at_full_rate(tmp_path):
     assert rep["layers_compared"] == len(qmd.layers) - 3      # dense+threshold pairs fuse into one stream
     measured, analytic = rep["cycles_per_frame_measured"], rep["cycles_per_frame_analytic"]
     assert abs(measured - analytic) <= 0.05 * analytic
+
+
+def test_random_cnn_every_stream_bit_exact(tmp_path):
+    """Conv path in Verilog: sliding windows, add/subtract and XNOR engines, max-pool, under stalls."""
+    qmd = random_binary_cnn(tmp_path / "qmd", input_shape=(8, 8, 3),
+                            convs=((4, 3, 1, 1, True), (6, 3, 1, 0, False)), seed=7)
+    folding = {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 3, "simd": 2}, "fc": {"pe": 5, "simd": 6}}
+    images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3)).astype(np.uint8)
+    rep = simulate(qmd, folding, images, tmp_path / "rtl", in_stall=0.2, out_stall=0.2, seed=1)
+    engines = {s["engine"] for s in rep["per_stage"]}
+    assert {"sliding_window", "addsub_mvtu", "maxpool", "xnor_mvtu"} <= engines
+    assert rep["layers_compared"] == 5        # conv0_act, pool0, conv1_act, fc, class
+    assert rep["mismatches"] == 0

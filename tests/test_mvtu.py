@@ -1,11 +1,12 @@
-"""XNOR-popcount MVTU in Amaranth's simulator against numpy, on random shapes, foldings,
-thresholds and valid/ready stalls."""
+"""MVTU (XNOR-popcount and add/subtract datapaths) in Amaranth's simulator against numpy,
+on random shapes, foldings, thresholds and valid/ready stalls."""
 
 import numpy as np
 import pytest
 
-from hw.arith import to_ge_thresholds
-from hw.xnor_mvtu import XnorMVTU
+from amaranth.hdl import signed, unsigned
+
+from hw.mvtu import MVTU
 from sim.amaranth_stream import pack, run_stream, unpack
 
 
@@ -21,11 +22,12 @@ def _reference(x, w, thr, direction):
     return met.sum(-1)
 
 
-def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0):
+def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0, in_shape=None):
     m, n = w.shape
-    ge = None if thr is None else to_ge_thresholds(thr, direction, scale=2, offset=-n)
-    dut = XnorMVTU(w, pe=pe, simd=simd, thresholds=ge)
-    beats = [pack((v[s * simd:(s + 1) * simd] + 1) // 2, 1) for v in x for s in range(n // simd)]
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=in_shape)
+    enc = (lambda v: (v + 1) // 2) if in_shape is None else (lambda v: v)
+    width = 1 if in_shape is None else in_shape.width
+    beats = [pack(enc(v[s * simd:(s + 1) * simd]), width) for v in x for s in range(n // simd)]
     out, cycles = run_stream(dut, beats, len(x) * (m // pe), in_stall=stall, out_stall=stall, seed=seed)
     elem = dut.out_elem
     got = np.array([e for b in out for e in unpack(b, elem.width, pe, elem.signed)]).reshape(len(x), m)
@@ -46,6 +48,26 @@ def test_random_shapes_foldings_and_stalls(seed, thresholded):
         direction = rng.choice([-1, 1], m)
         thr = np.where(direction[:, None] > 0, np.sort(thr, 1), -np.sort(-thr, 1))
     got, _, _ = _run(w, x, pe, simd, thr, direction, stall=0.3, seed=seed)
+    assert np.array_equal(got, _reference(x, w, thr, direction))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("in_shape", [unsigned(8), signed(4)], ids=["uint8", "int4"])
+def test_addsub_datapath_on_integer_inputs(seed, in_shape):
+    """Binary weights x multi-bit inputs (the first layer's 8-bit pixels): add/subtract, no multipliers."""
+    rng = np.random.default_rng(50 + seed)
+    m, n = int(rng.integers(1, 13)), int(rng.choice([3, 9, 12, 27]))
+    pe, simd = _divisor(rng, m), _divisor(rng, n)
+    lo, hi = (0, 255) if not in_shape.signed else (-8, 7)
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.integers(lo, hi + 1, (3, n))
+    thr = direction = None
+    if seed % 2:
+        reach = n * max(abs(lo), hi)
+        thr = rng.integers(-reach // 3, reach // 3 + 1, (m, 1))
+        thr[0, 0] = int((x[0] @ w[0]))                       # a dot product exactly on its threshold
+        direction = rng.choice([-1, 1], m)
+    got, _, _ = _run(w, x, pe, simd, thr, direction, stall=0.3, seed=seed, in_shape=in_shape)
     assert np.array_equal(got, _reference(x, w, thr, direction))
 
 
@@ -80,4 +102,4 @@ def test_folding_that_does_not_divide_is_rejected(bad, message):
     args = dict(pe=2, simd=4)
     args.update(bad)
     with pytest.raises(ValueError, match=message):
-        XnorMVTU(np.ones((8, 8), dtype=int), **args)
+        MVTU(np.ones((8, 8), dtype=int), **args)

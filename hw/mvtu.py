@@ -1,19 +1,27 @@
-"""XNOR-popcount matrix-vector-threshold unit (MVTU) for binary weights and activations.
+"""Matrix-vector-threshold unit (MVTU) for binary weights, folded by PE and SIMD.
 
-Computes, for each input vector ``x`` (N values in {-1,+1}) and binary weight matrix
-``W`` (M x N, {-1,+1}): the popcount ``P[m] = #{n : W[m,n] == x[n]}`` (so the spec's
-dot product is ``2*P - N``), then either
+Computes, for each input vector ``x`` (N values) and binary weight matrix ``W``
+(M x N, {-1,+1}), the dot products ``dot[m] = sum_n W[m,n] * x[n]``, then either
 
-* thresholds it into the next layer's activations (``thresholds`` given, in the
-  hardware's ``>=`` form on ``P``; one threshold -> one bit, 2^b-1 -> a b-bit count), or
-* emits the signed dot products ``2*P - N`` (the final layer's integer logits).
+* thresholds them into the next layer's activations (QMD ``threshold`` semantics:
+  one threshold -> one bit, 2^b-1 -> a b-bit count), or
+* emits the signed dot products (the final layer's integer logits).
+
+Two datapaths, chosen by the input element shape:
+
+* ``xnor``: binary inputs (bits, 1 = +1): the engine accumulates the popcount
+  ``P = #{n : W[m,n] == x[n]}`` of ``~(x ^ w)``; the spec's dot is ``2P - N``, and the
+  thresholds are converted to ``P`` exactly.
+* ``addsub``: integer inputs (e.g. 8-bit pixels, first layer): each weight bit adds or
+  subtracts its input (no multipliers); the accumulator holds ``dot`` itself.
 
 Folding: ``PE`` output channels in parallel, ``SIMD`` inputs per PE per cycle;
 ``NF = M/PE`` neuron folds, ``SF = N/SIMD`` synapse folds, ``NF*SF`` cycles per vector.
+A convolution runs as one vector per output pixel (the sliding window supplies them).
 
 Stream interface
-  ``i``: ``SIMD`` bits per beat (bit 1 = +1); one vector = ``SF`` beats, element ``k`` of
-  beat ``s`` is ``x[s*SIMD + k]``.
+  ``i``: ``SIMD`` elements per beat; one vector = ``SF`` beats, element ``k`` of beat ``s``
+  is ``x[s*SIMD + k]``.
   ``o``: ``PE`` elements per beat; one vector = ``NF`` beats, element ``p`` of beat ``f`` is
   output channel ``f*PE + p``.
 
@@ -25,11 +33,16 @@ pipeline; nothing is lost or duplicated.
 """
 
 import numpy as np
-from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, ge_threshold_count, popcount
+from hw.arith import bits_for, ge_threshold_count, popcount, sum_tree, to_ge_thresholds
+
+
+def _shape_range(shape):
+    shape = Shape.cast(shape)
+    return (-(1 << (shape.width - 1)), (1 << (shape.width - 1)) - 1) if shape.signed else (0, (1 << shape.width) - 1)
 
 
 def _check_fold(name, total, par, what):
@@ -39,18 +52,20 @@ def _check_fold(name, total, par, what):
         raise ValueError(f"{name}: {total} is not divisible by {what}={par}")
 
 
-class XnorMVTU(wiring.Component):
-    """Binary (XNOR-popcount) matrix-vector(-threshold) unit; see the module docstring.
+class MVTU(wiring.Component):
+    """Binary-weight matrix-vector(-threshold) unit; see the module docstring.
 
     Parameters
     ----------
     weights : array [M, N] of -1/+1
     pe, simd : folding
-    thresholds : None, or ``(ge, invert)``: ``ge`` [M][T] ints on the popcount ``P``,
-        ``invert`` [M] bools (see :func:`hw.arith.to_ge_thresholds`)
+    thresholds, direction : None, or the QMD threshold arrays ``[M][T]`` and ``[M]``
+        (in the spec's domain, the dot product)
+    in_shape : None for binary inputs (bits), else the Amaranth shape of an input element
+    in_range : ``(lo, hi)`` of the input values (integer inputs only; default: the shape's range)
     """
 
-    def __init__(self, weights, *, pe, simd, thresholds=None):
+    def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None):
         w = np.asarray(weights)
         if w.ndim != 2 or not np.isin(w, (-1, 1)).all():
             raise ValueError("weights must be a 2-D array of -1/+1")
@@ -60,24 +75,35 @@ class XnorMVTU(wiring.Component):
         self.pe, self.simd = pe, simd
         self.nf, self.sf = self.m // pe, self.n // simd
         self.weights = w
-        self.acc_shape = unsigned(bits_for(self.n))
+        if in_shape is None:
+            self.datapath = "xnor"
+            self.in_shape = unsigned(1)
+            self.acc_shape = unsigned(bits_for(self.n))          # P in 0..N
+            acc_lo, acc_hi, scale, offset = 0, self.n, 2, -self.n  # dot = 2P - N
+        else:
+            self.datapath = "addsub"
+            self.in_shape = in_shape
+            lo, hi = in_range if in_range is not None else _shape_range(in_shape)
+            bound = self.n * max(abs(lo), abs(hi))
+            self.acc_shape = signed(bits_for(bound) + 1)
+            acc_lo, acc_hi, scale, offset = -bound, bound, 1, 0
         if thresholds is not None:
-            ge, invert = thresholds
-            ge = np.asarray(ge, dtype=np.int64).reshape(self.m, -1)
-            if len(invert) != self.m:
-                raise ValueError(f"thresholds: expected {self.m} invert flags, got {len(invert)}")
-            self.n_thresholds = ge.shape[1]
-            # ge thresholds outside [0, N+1] behave like 0 / N+1; clamp so they fit the comparator
-            self.ge = np.clip(ge, 0, self.n + 1)
+            thr = np.asarray(thresholds, dtype=np.int64).reshape(self.m, -1)
+            if direction is None or len(direction) != self.m:
+                raise ValueError(f"thresholds need {self.m} comparison directions")
+            ge, invert = to_ge_thresholds(thr, direction, scale=scale, offset=offset)
+            self.n_thresholds = thr.shape[1]
+            # thresholds beyond the accumulator's range are always/never met: clamp so they fit
+            self.ge = np.clip(np.asarray(ge, dtype=np.int64), acc_lo, acc_hi + 1)
             self.invert = [bool(v) for v in invert]
-            self.thr_shape = unsigned(bits_for(self.n + 1))
+            self.thr_shape = Shape.cast(range(acc_lo, acc_hi + 2))
             out_elem = unsigned(bits_for(self.n_thresholds))
         else:
             self.n_thresholds = 0
-            out_elem = signed(bits_for(self.n) + 1)
+            out_elem = signed(bits_for(max(abs(acc_lo * scale + offset), abs(acc_hi * scale + offset))) + 1)
         self.out_elem = out_elem
         super().__init__({
-            "i": In(stream.Signature(data.ArrayLayout(unsigned(1), simd))),
+            "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
         })
 
@@ -108,7 +134,7 @@ class XnorMVTU(wiring.Component):
             word, pos = 0, 0
             for p in range(self.pe):
                 for t in range(self.n_thresholds):
-                    word |= int(self.ge[f * self.pe + p, t]) << pos
+                    word |= (int(self.ge[f * self.pe + p, t]) & ((1 << tw) - 1)) << pos
                     pos += tw
             for p in range(self.pe):
                 word |= int(self.invert[f * self.pe + p]) << pos
@@ -121,7 +147,8 @@ class XnorMVTU(wiring.Component):
         pe, simd, nf, sf = self.pe, self.simd, self.nf, self.sf
 
         # ---- input vector: two banks of SF words, written by the stream, read by the engine
-        m.submodules.inbuf = inbuf = memory.Memory(shape=unsigned(simd), depth=2 * sf, init=[])
+        iw = self.in_shape.width
+        m.submodules.inbuf = inbuf = memory.Memory(shape=unsigned(simd * iw), depth=2 * sf, init=[])
         in_wr = inbuf.write_port()
         in_rd = inbuf.read_port()
         full = Array([Signal(name="bank0_full"), Signal(name="bank1_full")])
@@ -176,15 +203,22 @@ class XnorMVTU(wiring.Component):
             with m.Else():
                 m.d.sync += sf_a.eq(sf_a + 1)
 
-        # ---- stage B: XNOR-popcount and accumulate
+        # ---- stage B: XNOR-popcount or add/subtract, and accumulate
         valid_b, first_b, last_b = Signal(), Signal(), Signal()
         with m.If(advance):
             m.d.sync += [valid_b.eq(valid_a), first_b.eq(sf_a == 0), last_b.eq(sf_a == sf - 1)]
         acc = [Signal(self.acc_shape, name=f"acc{p}") for p in range(pe)]
         total = [Signal(self.acc_shape, name=f"total{p}") for p in range(pe)]
         for p in range(pe):
-            match = ~(in_rd.data ^ w_rd.data[p * simd:(p + 1) * simd])
-            m.d.comb += total[p].eq(popcount(match) + Mux(first_b, 0, acc[p]))
+            wbits = w_rd.data[p * simd:(p + 1) * simd]
+            if self.datapath == "xnor":
+                partial = popcount(~(in_rd.data ^ wbits))
+            else:
+                elems = [in_rd.data[k * iw:(k + 1) * iw] for k in range(simd)]
+                if self.in_shape.signed:
+                    elems = [e.as_signed() for e in elems]
+                partial = sum_tree([Mux(wbits[k], elems[k], -elems[k]) for k in range(simd)])
+            m.d.comb += total[p].eq(partial + Mux(first_b, 0, acc[p]))
             with m.If(advance & valid_b):
                 m.d.sync += acc[p].eq(total[p])
 
@@ -195,10 +229,14 @@ class XnorMVTU(wiring.Component):
                 tw = self.thr_shape.width
                 base = p * self.n_thresholds * tw
                 thr = [t_rd.data[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
+                if self.thr_shape.signed:
+                    thr = [t.as_signed() for t in thr]
                 inv = t_rd.data[pe * self.n_thresholds * tw + p]
                 results.append(ge_threshold_count(total[p], thr, inv))
-            else:
+            elif self.datapath == "xnor":
                 results.append((total[p] << 1) - self.n)   # the spec's dot = 2P - N
+            else:
+                results.append(total[p])
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
         with m.If(advance):
             m.d.sync += self.o.valid.eq(valid_b & last_b)
