@@ -9,10 +9,9 @@ Every ``dense`` and ``conv2d`` layer needs an entry: ``pe`` must divide its outp
 for a convolution SIMD must also divide Cin). Errors name the file, the layer and the field.
 """
 
-import json
 from pathlib import Path
 
-from qnnfab.errors import QnnfabError
+from qnnfab.errors import QnnfabError, read_json
 
 FORMAT = "qnnfab-folding"
 FILENAME = "folding.json"
@@ -26,12 +25,7 @@ def _divisors(n):
 def load_folding(path, qmd):
     """Read ``path`` and validate it against ``qmd``; returns ``{layer: {"pe", "simd"}}``."""
     path = Path(path)
-    if not path.is_file():
-        raise QnnfabError("folding file not found", where=str(path))
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QnnfabError(f"not valid JSON: {e}", where=str(path)) from None
+    doc = read_json(path, missing="folding file not found")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise QnnfabError(f"field 'format' must be {FORMAT!r}", where=str(path))
     return validate_folding(doc.get("layers"), qmd, where=str(path))

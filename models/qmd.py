@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qnnfab.errors import QnnfabError
+from qnnfab.errors import QnnfabError, read_json
 
 FORMAT = "qnnfab-qmd"
 VERSION = 1
@@ -136,12 +136,7 @@ def load_qmd(path):
     """Read and validate the QMD at ``path`` (its directory or its ``qmd.json``)."""
     manifest_path, arrays_path = _resolve(path)
     where = _Where(manifest_path)
-    if not manifest_path.is_file():
-        raise QnnfabError("manifest not found", where=str(manifest_path))
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise QnnfabError(f"not valid JSON: {e}", where=where()) from None
+    manifest = read_json(manifest_path, missing="manifest not found")
     if not arrays_path.is_file():
         raise QnnfabError("array file not found", where=str(arrays_path))
     try:

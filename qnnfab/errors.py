@@ -1,5 +1,9 @@
 """The one error type users see: a single line naming the file/field at fault."""
 
+import json
+from pathlib import Path
+
+
 
 class QnnfabError(Exception):
     """An error in user input or the environment, reported as one line.
@@ -19,3 +23,14 @@ class ToolMissingError(QnnfabError):
 
     def __init__(self, tool, how):
         super().__init__(f"required tool '{tool}' not found; install it with: {how}")
+
+
+def read_json(path, missing="file not found"):
+    """Parse the JSON file at ``path``; a missing or malformed file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise QnnfabError(missing, where=str(path))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QnnfabError(f"not valid JSON: {e}", where=str(path)) from None

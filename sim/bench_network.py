@@ -42,7 +42,8 @@ def _pack(elems, width):
 
 @cocotb.test()
 async def stream_frames(dut):
-    cfg = json.loads(open(os.environ["QNNFAB_BENCH"]).read())
+    with open(os.environ["QNNFAB_BENCH"]) as f:
+        cfg = json.load(f)
     pixels = np.load(cfg["stimulus"])["pixels"]
     frames, beats_per_frame, lanes = pixels.shape
     in_width = cfg["pixel_width"]
@@ -83,10 +84,10 @@ async def stream_frames(dut):
             nxt += 1
         for t, valid, tready, payload in taps:
             if valid.value and tready.value:
-                seen[t["name"]].extend(_unpack(payload.value.to_unsigned(), t["width"], t["lanes"], t["signed"]))
+                seen[t["name"]].extend(_unpack(int(payload.value), t["width"], t["lanes"], t["signed"]))
                 seen_cycles[t["name"]].append(cycle)
         if ready and dut.result__valid.value:
-            word = dut.result__payload.value.to_unsigned()
+            word = int(dut.result__payload.value)
             result_cls.append(word & ((1 << cls_w) - 1))
             result_logits.append(_unpack(word >> cls_w, logit_w, classes, True))
             result_cycles.append(cycle)

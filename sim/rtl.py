@@ -190,5 +190,8 @@ def _run_cocotb(vfile, work_dir, log):
     env = {"QNNFAB_BENCH": str(work_dir / "bench.json"),
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "COCOTB_REDUCED_LOG_FMT": "1"}
-    runner.test(test_module="sim.bench_network", hdl_toplevel=TOP, build_dir=build_dir, test_dir=work_dir,
-                extra_env=env, results_xml=str(work_dir / "results.xml"), log_file=work_dir / "cocotb.log")
+    try:
+        runner.test(test_module="sim.bench_network", hdl_toplevel=TOP, build_dir=build_dir, test_dir=work_dir,
+                    extra_env=env, results_xml=str(work_dir / "results.xml"), log_file=work_dir / "cocotb.log")
+    except SystemExit:
+        raise QnnfabError(f"the cocotb bench failed; see {work_dir / 'cocotb.log'}", where=str(vfile)) from None
