@@ -12,11 +12,12 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1
 PY    := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv verilog sim eval check train export test clean
+.PHONY: help venv verilog sim sim-full eval check train export test clean
 
 help:
 	@echo "make sim MODEL=bnn_mnist [IMAGES=100]  generate, simulate in Verilator on real test images, report"
 	@echo "make verilog MODEL=m                    Verilog + report in build/m/"
+	@echo "make sim-full MODEL=m                   the whole test set through the RTL (C++ Verilator harness)"
 	@echo "make eval MODEL=m                       integer reference accuracy on the full test set"
 	@echo "make check MODEL=m                      validate the model description and folding"
 	@echo "make train MODEL=m [EPOCHS=n]           quantization-aware training (resumable)"
@@ -38,6 +39,9 @@ verilog: $(STAMP)
 sim: $(STAMP)
 	$(PY) -m qnnfab verilog --model $(MODEL)
 	$(PY) -m qnnfab sim --model $(MODEL) --images $(IMAGES) --stall $(STALL)
+
+sim-full: $(STAMP)
+	$(PY) -m qnnfab sim-full --model $(MODEL)
 
 eval: $(STAMP)
 	$(PY) -m qnnfab eval --model $(MODEL)

@@ -2,6 +2,7 @@
 
   verilog --model M         generate build/M/M.v, report.json, report.md
   sim     --model M         RTL simulation on real test images -> build/M/sim.json
+  sim-full --model M        the whole test set through the RTL -> build/M/sim_full.json
   eval    --model M         integer reference accuracy on the test set -> build/M/eval.json
   check   --model M         validate the QMD and its folding
   train / export            quantization-aware training and export (models.train / models.export)
@@ -76,6 +77,27 @@ def cmd_sim(args):
     return 0 if ok else 1
 
 
+def cmd_sim_full(args):
+    from hw.report import write_json
+    from sim.fast import simulate_all
+    qmd, folding = _load(args.model, args.folding)
+    images, labels = _dataset(qmd)
+    n = min(args.images or len(images), len(images))
+    out = build_dir(qmd.name)
+    t0 = time.time()
+    rep = simulate_all(qmd, folding, images[:n], labels[:n], out / "rtl_full")
+    rep["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "sim_full.json", rep)
+    ok = rep["mismatches"] == 0
+    print(f"{qmd.name}: {n} test images through the RTL (C++ Verilator harness): hardware accuracy "
+          f"{100 * rep['hardware_accuracy']:.2f}%, reference {100 * rep['reference_accuracy']:.2f}%, "
+          f"{rep['mismatches']} mismatching integers ({'bit-exact' if ok else 'MISMATCH'})")
+    print(f"cycles/frame measured {rep['cycles_per_frame_measured']}, analytic {rep['cycles_per_frame_analytic']}; "
+          f"{rep['seconds']} s in all ({rep['build_seconds']} s build, {rep['simulation_seconds']} s simulation)")
+    print(f"wrote {out / 'sim_full.json'}")
+    return 0 if ok else 1
+
+
 def cmd_eval(args):
     from hw.report import write_json
     from models.reference import accuracy
@@ -122,6 +144,8 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=100, help="number of test images (default 100)")
     p.add_argument("--stall", type=float, default=0.0, help="probability of valid/ready stalls per cycle")
     p.add_argument("--seed", type=int, default=0)
+    p = model_cmd("sim-full", cmd_sim_full, "the whole test set through the RTL (C++ Verilator harness)")
+    p.add_argument("--images", type=int, default=0, help="limit the number of images (default: all)")
     p = sub.add_parser("eval", help="integer reference accuracy on the full test set")
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.set_defaults(fn=cmd_eval)

@@ -46,3 +46,20 @@ def test_random_cnn_every_stream_bit_exact(tmp_path):
     assert {"sliding_window", "addsub_mvtu", "maxpool", "xnor_mvtu"} <= engines
     assert rep["layers_compared"] == 5        # conv0_act, pool0, conv1_act, fc, class
     assert rep["mismatches"] == 0
+
+
+def test_cpp_harness_whole_set_path_is_bit_exact(tmp_path):
+    """The C++ Verilator harness behind `make sim-full`, on a random CNN: every class and logit."""
+    from sim.fast import simulate_all
+    qmd = random_binary_cnn(tmp_path / "qmd", input_shape=(8, 8, 3),
+                            convs=((4, 3, 1, 1, True), (6, 3, 1, 0, False)), seed=9)
+    folding = {"conv0": {"pe": 4, "simd": 3}, "conv1": {"pe": 2, "simd": 4}, "fc": {"pe": 5, "simd": 6}}
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (200, 8, 8, 3)).astype(np.uint8)
+    labels = rng.integers(0, 5, 200)
+    rep = simulate_all(qmd, folding, images, labels, tmp_path / "full")
+    assert rep["images"] == 200 and rep["integers_compared"] == 200 * 6
+    assert rep["mismatches"] == 0
+    assert rep["hardware_accuracy"] == rep["reference_accuracy"]
+    assert abs(rep["cycles_per_frame_measured"] - rep["cycles_per_frame_analytic"]) <= \
+        0.05 * rep["cycles_per_frame_analytic"]
