@@ -204,6 +204,7 @@ def export(model_name, run_dir=None, out_dir=None):
     layers = qmd_layers(model, cfg)
     out_dir = Path(out_dir) if out_dir else ZOO_DIR / model_name
     recipe = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "lr_min", "weight_decay")}
+    recipe["augment_shift"] = cfg.get("augment_shift", 0)
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,
@@ -213,17 +214,19 @@ def export(model_name, run_dir=None, out_dir=None):
         "recipe": recipe | {"optimizer": "Adam, cosine LR per epoch, latent weights clipped to [-1,1]",
                             "net": cfg["net"], "net_args": cfg["net_args"]},
         "train_seconds": round(float(ck.get("train_seconds", 0.0)), 1),
-        "torch_version": ck.get("torch_version", torch.__version__),
+        "torch_version": str(ck.get("torch_version", torch.__version__)),
         "exported": datetime.date.today().isoformat(),
         "exporter": "models/export.py",
     }
     description = cfg.get("description", "")
-    qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description)
+    qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description,
+                   dataset=cfg["dataset"])
     int_cls = reference_predictions(qmd, images)
     int_acc = float((int_cls == labels).mean())
     provenance["integer_accuracy_at_export"] = int_acc
     provenance["float_vs_integer_class_mismatches"] = int((int_cls != float_cls).sum())
-    save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description)
+    save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description,
+                   dataset=cfg["dataset"])
     return {"model": model_name, "out_dir": str(out_dir), "qat_accuracy": qat_acc,
             "integer_accuracy": int_acc, "mismatches": provenance["float_vs_integer_class_mismatches"],
             "test_images": len(labels)}

@@ -63,7 +63,7 @@ class SFC(nn.Module):
         ``logits``."""
         t = OrderedDict()
         a = self.binarize_input(x)
-        t["binarize"] = a
+        t["binarize"] = a.reshape(x.shape)
         a = self.in_drop(a)
         for i, (fc, bn, drop) in enumerate(zip(self.fcs, self.bns, self.drops)):
             if trace:
@@ -91,7 +91,7 @@ MODELS = {
         "net_args": {"in_features": 784, "hidden": [256, 256, 256], "classes": 10,
                      "in_threshold": 128, "in_dropout": 0.2, "dropout": 0.2,
                      "logit_scale": 0.0625, "scale": False},
-        "epochs": 40,
+        "epochs": 100,          # the recipe of the shipped QMD: 97.66% on the 10,000 test images
         "batch_size": 256,
         "lr": 0.01,
         "lr_min": 0.0,

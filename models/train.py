@@ -28,7 +28,10 @@ from qnnfab.errors import QnnfabError
 from qnnfab.paths import REPO_ROOT
 
 CKPT = "ckpt.pt"
-THREADS = 2
+# One CPU thread by default, at most 2 (QNNFAB_THREADS=2): on a machine shared with other
+# jobs, two OpenMP threads were measured 10-30x slower per epoch than one (their barriers
+# wait for a descheduled thread), and on an idle machine two gain only ~10% on this MLP.
+THREADS = max(1, min(2, int(os.environ.get("QNNFAB_THREADS", "1"))))
 
 
 def default_run_dir(model_name):
@@ -39,7 +42,7 @@ def _recipe(cfg):
     """The parts of a config that define the training run (compared on resume)."""
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
-        {k: cfg[k] for k in ("train_limit", "test_limit") if cfg.get(k) is not None}
+        {k: cfg[k] for k in ("augment_shift", "train_limit", "test_limit") if cfg.get(k)}
 
 
 def _jsonable(obj):
@@ -79,6 +82,24 @@ def evaluate(model, x, y, batch=1000):
         correct += int((model(x[i:i + batch]).argmax(dim=1) == y[i:i + batch]).sum())
     model.train(was_training)
     return correct / len(x)
+
+
+def shift_images(x, s):
+    """Translate each uint8 image of ``x`` ``[B, H, W, C]`` by a random offset in
+    ``[-s, s]`` pixels along both axes, filling with zeros (uses the global torch RNG)."""
+    if s <= 0:
+        return x
+    b, h, w = x.shape[:3]
+    xp = F.pad(x, (0, 0, s, s, s, s))
+    dy = torch.randint(-s, s + 1, (b,))
+    dx = torch.randint(-s, s + 1, (b,))
+    out = torch.empty_like(x)
+    for oy in range(-s, s + 1):
+        for ox in range(-s, s + 1):
+            m = (dy == oy) & (dx == ox)
+            if m.any():
+                out[m] = xp[m, s + oy:s + oy + h, s + ox:s + ox + w]
+    return out
 
 
 def _make_optimizer(model, cfg):
@@ -152,7 +173,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
                    leave=False, disable=not progress, mininterval=2.0, file=sys.stderr)
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
-            x, y = xtr[idx], ytr[idx]
+            x, y = shift_images(xtr[idx], cfg.get("augment_shift", 0)), ytr[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -177,7 +198,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
                       "scheduler": sched.state_dict(), "epoch": epoch + 1,
                       "rng_state": torch.get_rng_state(), "best_test_accuracy": best,
                       "history": history, "train_seconds": elapsed,
-                      "torch_version": torch.__version__}, ckpt_path)
+                      "torch_version": str(torch.__version__)}, ckpt_path)
         print(f"{model_name} epoch {epoch + 1}/{cfg['epochs']}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
               f"train acc {tot_correct / len(xtr):.4f} test acc (float QAT) {test_acc:.4f} "
               f"best {best:.4f} [{secs:.1f} s]", flush=True)

@@ -1,0 +1,238 @@
+"""Export of binary networks: BN+sign folding, float model == integer reference, the
+train -> export pipeline (resumable), and the shipped ``bnn_mnist`` description."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models import nets
+from models.data import load_dataset
+from models.export import export, float_model_trace, fold_bn_sign, qmd_layers, reference_predictions
+from models.nets import SFC
+from models.qmd import load_qmd, save_qmd
+from models.reference import ReferenceModel, accuracy
+from models.train import load_checkpoint, shift_images, train
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import ZOO_DIR
+
+torch.set_num_threads(1)   # tiny tensors; threads only add contention on a shared machine
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return load_dataset("mnist", "test")
+
+
+# --------------------------------------------------------------------------- folding
+
+def _met_float64(k, mean, beta, alpha, n):
+    dots = np.arange(-n, n + 1, dtype=np.float64)
+    return dots, k[:, None] * (alpha[:, None] * dots[None, :] - mean[:, None]) + beta[:, None] >= 0
+
+
+def _met_thresholds(thr, direction, dots):
+    return np.where(direction[:, None] > 0, dots[None, :] >= thr[:, None], dots[None, :] <= thr[:, None])
+
+
+def test_fold_matches_float_formula_for_every_dot_value_including_edge_cases():
+    n = 64
+    rng = np.random.default_rng(0)
+    c = 400
+    k = rng.normal(0, 1, c) * rng.choice([1e-3, 1, 30], c)
+    mean = rng.normal(0, 20, c)
+    beta = rng.normal(0, 2, c)
+    alpha = rng.uniform(0.2, 1.0, c)
+    # edge cases: exact integer t (sign(0) = +1 at the threshold), both directions
+    k[:4], alpha[:4], beta[:4], mean[:4] = [0.5, -0.5, 2.0, -4.0], 1.0, 0.0, [3.0, 3.0, -7.0, 10.0]
+    # k == 0: constant output beta >= 0 (beta = 0 counts as +1)
+    k[4:7], beta[4:7] = 0.0, [1.0, -1.0, 0.0]
+    # alpha == 0 (an all-zero latent row with scale=True): constant k*(-mean) + beta
+    alpha[7:9], k[7:9], mean[7:9], beta[7:9] = 0.0, [1.0, 1.0], [1.0, -1.0], [0.0, 0.0]
+    # thresholds far outside the reachable range -> clamped
+    mean[9:13], k[9:13], beta[9:13], alpha[9:13] = [1e4, -1e4, 1e4, -1e4], [1, 1, -1, -1], 0.0, 1.0
+    thr, direction = fold_bn_sign(k, mean, beta, alpha, n)
+    assert thr.dtype == np.int64 and thr.shape == (c,) and direction.shape == (c,)
+    assert thr.min() >= -n - 1 and thr.max() <= n + 1
+    assert set(np.unique(direction)) <= {-1, 1}
+    dots, met = _met_float64(k, mean, beta, alpha, n)
+    assert np.array_equal(_met_thresholds(thr, direction, dots), met)
+    assert thr[:4].tolist() == [3, 3, -7, 10] and direction[:4].tolist() == [1, -1, 1, -1]
+    assert met[4].all() and not met[5].any() and met[6].all()
+    assert not met[7].any() and met[8].all()
+    assert thr[9:13].tolist() == [n + 1, -n - 1, n + 1, -n - 1]
+    assert not met[9].any() and met[10].all() and met[11].all() and not met[12].any()
+    # the generic channels follow the closed form ceil/floor((mean - beta/k)/alpha)
+    t = (mean - beta / np.where(k == 0, 1, k)) / np.where(alpha == 0, 1, alpha)
+    expect = np.clip(np.where(k > 0, np.ceil(t), np.floor(t)), -n - 1, n + 1)
+    assert np.array_equal(thr[13:], expect[13:].astype(np.int64))
+    assert np.array_equal(direction[13:], np.where(k[13:] > 0, 1, -1))
+
+
+# --------------------------------------------------------------------------- float == integer
+
+def _random_sfc(seed, scale=False, hidden=(48, 32)):
+    """A small SFC-like model with random weights and random BN statistics, including
+    negative gammas, zero gammas and thresholds outside the reachable range."""
+    torch.manual_seed(seed)
+    model = SFC(in_features=784, hidden=hidden, classes=10, in_threshold=128, in_dropout=0.2,
+                dropout=0.2, logit_scale=0.0625, scale=scale)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for fc, bn in zip(model.fcs, model.bns):
+            fc.weight.uniform_(-1, 1, generator=g)
+            n, c = fc.in_features, fc.out_features
+            alpha = fc.alpha()
+            bn.running_mean.copy_(alpha * torch.randn(c, generator=g) * n ** 0.5)
+            bn.running_var.copy_(torch.rand(c, generator=g) * n + 0.5)
+            gamma = torch.randn(c, generator=g)
+            gamma[0] = 0.0                         # constant +1 (beta > 0)
+            gamma[1] = 0.0                         # constant -1 (beta < 0)
+            bn.weight.copy_(gamma)
+            beta = torch.randn(c, generator=g)
+            beta[0], beta[1] = 0.7, -0.7
+            bn.bias.copy_(beta)
+            bn.running_mean[2] = 10.0 * n          # never met / always met
+            bn.running_mean[3] = -10.0 * n
+        model.out.weight.uniform_(-1, 1, generator=g)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_integer_reference_equals_float_model_layer_by_layer(tmp_path, mnist_test, scale):
+    images, labels = mnist_test[0][:400], mnist_test[1][:400]
+    model = _random_sfc(seed=1 + scale, scale=scale)
+    cfg = {"net": "SFC", "input_shape": (28, 28, 1)}
+    qmd = save_qmd(tmp_path / "tiny", "tiny", (28, 28, 1), "uint8", qmd_layers(model, cfg))
+    names = [l.name for l in qmd.layers]
+    assert names == ["binarize", "fc0", "fc0_act", "fc1", "fc1_act", "fc2", "class"]
+    acts = [qmd.layer("fc0_act"), qmd.layer("fc1_act")]
+    directions = np.concatenate([l.arrays["direction"] for l in acts])
+    assert (directions == 1).any() and (directions == -1).any()
+
+    ref = ReferenceModel(qmd).trace(images)
+    flt = float_model_trace(model, images)
+    for name in names:
+        r, f = ref[name].numpy(), flt[name]
+        assert r.shape == f.shape, name
+        assert np.array_equal(r, f), f"{name}: {(r != f).sum()} of {r.size} elements differ"
+    # binarized activations are genuinely mixed, and the special channels behave
+    for name in ("binarize", "fc0_act", "fc1_act"):
+        assert set(np.unique(ref[name].numpy())) == {-1, 1}, name
+    for name in ("fc0_act", "fc1_act"):
+        a = ref[name].numpy()
+        assert (a[:, 0] == 1).all() and (a[:, 1] == -1).all()       # zero gamma
+        assert set(np.unique(a[:, 2])) <= {-1, 1} and len(np.unique(a[:, 2])) == 1
+    # logits: float logits / scale, rounded, are the integer dot products
+    logits = flt["logits"].astype(np.float64) / model.logit_scale
+    assert np.array_equal(np.round(logits).astype(np.int64), ref["fc2"].numpy())
+    assert np.array_equal(np.round(logits), logits)
+    assert np.array_equal(ref["class"].numpy(), np.argmax(flt["logits"], axis=1))
+    assert np.array_equal(reference_predictions(qmd, images, batch=128), flt["class"])
+    assert accuracy(qmd, images, labels) == pytest.approx(float((flt["class"] == labels).mean()))
+
+
+def test_first_layer_binarizes_pixels_at_128(tmp_path):
+    model = _random_sfc(seed=5)
+    cfg = {"net": "SFC", "input_shape": (28, 28, 1)}
+    qmd = save_qmd(tmp_path / "t", "t", (28, 28, 1), "uint8", qmd_layers(model, cfg))
+    layer = qmd.layer("binarize")
+    assert layer.arrays["thresholds"].tolist() == [[128]] and layer.arrays["direction"].tolist() == [1]
+    x = np.arange(256, dtype=np.uint8).repeat(4)[:784].reshape(1, 28, 28, 1)
+    out = ReferenceModel(qmd).trace(x)["binarize"].numpy().reshape(-1)
+    assert np.array_equal(out, np.where(x.reshape(-1) >= 128, 1, -1))
+    assert np.array_equal(float_model_trace(model, x)["binarize"].reshape(-1), out)
+
+
+# --------------------------------------------------------------------------- train -> export
+
+def test_shift_augmentation_translates_each_image_with_zero_fill():
+    torch.manual_seed(0)
+    x = torch.randint(1, 256, (64, 28, 28, 1), dtype=torch.uint8)
+    y = shift_images(x, 2)
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert torch.equal(shift_images(x, 0), x)
+    pad = torch.nn.functional.pad(x, (0, 0, 2, 2, 2, 2))
+    seen = set()
+    for i in range(len(x)):
+        hits = [(oy, ox) for oy in range(-2, 3) for ox in range(-2, 3)
+                if torch.equal(pad[i, 2 + oy:30 + oy, 2 + ox:30 + ox], y[i])]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) > 10                         # offsets vary from image to image
+
+
+@pytest.fixture
+def tiny_registry(monkeypatch):
+    entry = {"net": "SFC", "dataset": "mnist", "input_shape": (28, 28, 1),
+             "net_args": {"in_features": 784, "hidden": [32, 32], "classes": 10, "in_threshold": 128,
+                          "in_dropout": 0.1, "dropout": 0.1, "logit_scale": 0.125, "scale": False},
+             "epochs": 3, "batch_size": 128, "lr": 0.01, "lr_min": 0.0, "weight_decay": 0.0,
+             "train_limit": 3000, "test_limit": 500, "description": "tiny test model"}
+    monkeypatch.setitem(nets.MODELS, "tiny_test", entry)
+    return "tiny_test"
+
+
+def test_train_resume_is_identical_and_export_records_provenance(tmp_path, tiny_registry, mnist_test):
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    s = train(tiny_registry, run_dir=straight, seed=3, progress=False)
+    assert s["epochs_done"] == 3
+    train(tiny_registry, run_dir=pieces, seed=3, progress=False, stop_after=1)
+    assert load_checkpoint(pieces / "ckpt.pt")["epoch"] == 1
+    train(tiny_registry, run_dir=pieces, seed=3, progress=False, stop_after=1)
+    train(tiny_registry, run_dir=pieces, seed=3, progress=False)
+    a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(pieces / "ckpt.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [h["test_accuracy"] for h in a["history"]] == [h["test_accuracy"] for h in b["history"]]
+    assert [h["lr"] for h in a["history"]] == pytest.approx([0.01, 0.0075, 0.0025])
+    for p in a["model"]:
+        if p.startswith(("fcs.", "out.")) and p.endswith("weight"):
+            assert a["model"][p].abs().max() <= 1.0
+    # a finished run is left alone; a different seed is refused
+    assert train(tiny_registry, run_dir=straight, seed=3, progress=False)["epochs_done"] == 3
+    with pytest.raises(QnnfabError, match="different recipe or seed"):
+        train(tiny_registry, run_dir=straight, seed=4, progress=False)
+
+    out = tmp_path / "qmd"
+    summary = export(tiny_registry, run_dir=straight, out_dir=out)
+    qmd = load_qmd(out)
+    prov = qmd.provenance
+    assert [l.name for l in qmd.layers] == ["binarize", "fc0", "fc0_act", "fc1", "fc1_act", "fc2", "class"]
+    images, labels = mnist_test
+    assert prov["integer_accuracy_at_export"] == accuracy(qmd, images, labels)
+    assert prov["qat_accuracy"] == summary["qat_accuracy"] > 0.5
+    assert abs(prov["qat_accuracy"] - prov["integer_accuracy_at_export"]) <= 0.002
+    assert prov["float_vs_integer_class_mismatches"] <= 20
+    assert prov["dataset"] == "mnist, ../shared/data/mnist.npz, 10,000 test images"
+    assert prov["epochs"] == 3 and prov["seed"] == 3 and prov["torch_version"] == torch.__version__
+    assert len(prov["exported"]) == 10 and prov["exported"][4] == "-"
+    assert qmd.description == "tiny test model"
+    json.loads((out / "qmd.json").read_text())      # plain JSON on disk
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, tiny_registry):
+    with pytest.raises(QnnfabError, match="checkpoint not found"):
+        export(tiny_registry, run_dir=tmp_path / "nothing", out_dir=tmp_path / "q")
+
+
+# --------------------------------------------------------------------------- shipped model
+
+def test_shipped_bnn_mnist_reaches_its_recorded_integer_accuracy(mnist_test):
+    qmd = load_qmd(ZOO_DIR / "bnn_mnist")
+    assert [l.name for l in qmd.layers] == ["binarize", "fc0", "fc0_act", "fc1", "fc1_act", "fc2",
+                                          "fc2_act", "fc3", "class"]
+    assert [l.attrs.get("out_features") for l in qmd.layers if l.kind == "dense"] == [256, 256, 256, 10]
+    assert qmd.layer("binarize").arrays["thresholds"].tolist() == [[128]]
+    prov = qmd.provenance
+    images, labels = mnist_test
+    acc = accuracy(qmd, images, labels)
+    assert acc == prov["integer_accuracy_at_export"]
+    assert acc >= 0.97
+    assert abs(prov["qat_accuracy"] - acc) <= 0.002
+    assert prov["dataset"] == "mnist, ../shared/data/mnist.npz, 10,000 test images"
+    for key in ("epochs", "seed", "torch_version", "exported"):
+        assert key in prov
