@@ -208,10 +208,11 @@ class Accelerator(wiring.Component):
                 members[f"tap_{s.name}"] = Out(_tap_signature(stage_payload_shape(s)))
         super().__init__(members)
 
-    def _engine(self, s):
+    def _engine(self, s, in_shape):
+        """The engine of stage ``s``, whose input elements have shape ``in_shape``."""
         layer = s.layers[0] if s.layers else None
         if s.engine == "threshold_unit":
-            return ThresholdUnit(self.pixel_shape if layer is self.qmd.layers[0] else s.out_shape,
+            return ThresholdUnit(in_shape,
                                  layer.arrays["thresholds"], layer.arrays["direction"],
                                  lanes=s.in_lanes, in_range=(layer.in_act.lo, layer.in_act.hi))
         if s.engine in ("xnor_mvtu", "addsub_mvtu"):
@@ -240,7 +241,7 @@ class Accelerator(wiring.Component):
         m = Module()
         prev_out = None
         for k, s in enumerate(self.stages):
-            eng = self._engine(s)
+            eng = self._engine(s, self.pixel_shape if k == 0 else self.stages[k - 1].out_shape)
             m.submodules[s.name] = eng
             if prev_out is None:
                 wiring.connect(m, wiring.flipped(self.pixels), eng.i)
