@@ -13,6 +13,12 @@ that is ``dot >= ceil(t)`` with ``t = (mean - beta/k)/alpha`` (direction +1); fo
 constant ``beta >= 0``, written as a threshold outside the reachable range. Everything is
 computed in float64, checked against ``y >= 0`` for every reachable dot value, and
 clamped to ``[-N-1, N+1]`` (``N`` = fan-in).
+
+``--model bnn_cifar`` exports the CNV convolutional network the same way
+(:func:`cnv_layers`): conv2d layers with weights in (ky, kx, c) order, the first
+layer's input normalisation ``(q - Z)/S`` folded exactly into its thresholds on the raw
+pixel dot products, max-pools of binary values, and the dense layer after the last conv
+reading the features in the QMD's channels-last order.
 """
 
 import argparse
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 
 from models.data import DATASETS, load_dataset
-from models.nets import SFC, build_model
+from models.nets import CNV, SFC, build_model
 from models.qmd import save_qmd
 from models.reference import ReferenceModel
 from models.train import CKPT, THREADS, default_run_dir, load_checkpoint
@@ -78,7 +84,7 @@ def fold_bn_sign(k, mean, beta, alpha, n):
 
 
 def bn_coefficients(bn):
-    """``(k, mean, beta)`` in float64 of an eval-mode ``BatchNorm1d``: ``y = k*(x-mean)+beta``."""
+    """``(k, mean, beta)`` in float64 of an eval-mode ``BatchNorm1d``/``BatchNorm2d``: ``y = k*(x-mean)+beta``."""
     var = bn.running_var.detach().double()
     gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(var)
     beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(var)
@@ -87,8 +93,22 @@ def bn_coefficients(bn):
 
 
 def binary_weights(fc):
-    """The -1/+1 int8 weights ``[out, in]`` a :class:`BinaryLinear` uses (``W >= 0`` -> +1)."""
+    """The -1/+1 int8 weights a :class:`BinaryLinear` (``[out, in]``) or
+    :class:`BinaryConv2d` (``[out, in, K, K]``) uses (``W >= 0`` -> +1)."""
     return np.where(fc.weight.detach().numpy() >= 0, 1, -1).astype(np.int8)
+
+
+def dot_range(w, lo, hi):
+    """``(lo, hi)`` of ``sum_k w[o,k]*x[k]`` over inputs ``x`` in ``[lo, hi]``, hulled over
+    the outputs ``o`` (the range :func:`models.qmd.load_qmd` derives for the layer)."""
+    w = np.asarray(w)
+    return (int(np.where(w > 0, lo, -hi).sum(axis=1).min()),
+            int(np.where(w > 0, hi, -lo).sum(axis=1).max()))
+
+
+def _threshold_layer(name, thr, direction):
+    return {"name": name, "kind": "threshold", "out": {"kind": "binary"},
+            "arrays": {"thresholds": thr[:, None], "direction": direction}}
 
 
 # --------------------------------------------------------------------------- QMD layers
@@ -120,7 +140,60 @@ def _dense(name, fc):
             "weight": "binary", "arrays": {"weights": binary_weights(fc)}}
 
 
-EXPORTERS = {"SFC": sfc_layers}
+def cnv_layers(model, input_shape):
+    """QMD layer dicts (for :func:`models.qmd.save_qmd`) of a :class:`CNV` model.
+
+    ``conv<i>`` (conv2d, binary weights in (ky, kx, c) order), ``conv<i>_act`` (threshold),
+    ``pool<i>`` (maxpool 2/2, after the activations of ``model.pool_after``), then
+    ``fc<i>``/``fc<i>_act`` and the logits ``fc<L>`` and ``class`` as for :class:`SFC`.
+    The first conv's float input is ``(q - Z)/S`` of the pixels ``q``; per channel
+    ``sum_k w_k (q_k - Z)/S = (dot_q - Z*sum_k w_k)/S``, so its threshold is folded on
+    ``dot_q`` with ``alpha/S`` and mean ``mean + alpha*Z*sum_k w_k/S``, exactly.
+    Thresholds are clamped to ``[lo-1, hi+1]`` of the layer's derived dot-product range.
+    """
+    if not isinstance(model, CNV):
+        raise TypeError(f"expected a CNV model, got {type(model).__name__}")
+    if tuple(input_shape) != model.in_shape:
+        raise ValueError(f"input shape {tuple(input_shape)} does not match the model's {model.in_shape}")
+    if not model.fcs:
+        raise ValueError("a CNV needs at least one hidden dense layer")
+    layers = []
+    lo, hi = 0, 255                                     # uint8 input
+    for i, (conv, bn) in enumerate(zip(model.convs, model.conv_bns)):
+        w = binary_weights(conv)                            # [Cout, Cin, K, K]
+        cout, cin, k, _ = w.shape
+        wq = w.transpose(0, 2, 3, 1).reshape(cout, k * k * cin)   # (ky, kx, c) order
+        layers.append({"name": f"conv{i}", "kind": "conv2d", "in_channels": cin, "out_channels": cout,
+                       "kernel": k, "stride": 1, "padding": 0, "weight": "binary", "arrays": {"weights": wq}})
+        kk, mean, beta = bn_coefficients(bn)
+        alpha = conv.alpha().detach().double().numpy()
+        if i == 0:
+            zero, scale = model.in_zero, model.in_scale
+            mean = mean + alpha * zero * wq.sum(axis=1).astype(np.float64) / scale
+            alpha = alpha / scale
+        dlo, dhi = dot_range(wq, lo, hi)
+        thr, direction = fold_bn_sign(kk, mean, beta, alpha, max(abs(dlo), abs(dhi)))
+        layers.append(_threshold_layer(f"conv{i}_act", np.clip(thr, dlo - 1, dhi + 1), direction))
+        lo, hi = -1, 1
+        if i in model.pool_after:
+            layers.append({"name": f"pool{i}", "kind": "maxpool", "kernel": 2, "stride": 2})
+    h, w_, c = model.feature_shape
+    for i, (fc, bn) in enumerate(zip(model.fcs, model.bns)):
+        wf = binary_weights(fc)
+        if i == 0:   # torch flattens (C, H, W); the QMD flattens channels last (H, W, C)
+            wf = wf.reshape(-1, c, h, w_).transpose(0, 2, 3, 1).reshape(wf.shape[0], -1)
+        layers.append({"name": f"fc{i}", "kind": "dense", "in_features": fc.in_features,
+                       "out_features": fc.out_features, "weight": "binary", "arrays": {"weights": wf}})
+        kk, mean, beta = bn_coefficients(bn)
+        alpha = fc.alpha().detach().double().numpy()
+        thr, direction = fold_bn_sign(kk, mean, beta, alpha, fc.in_features)
+        layers.append(_threshold_layer(f"fc{i}_act", thr, direction))
+    layers.append(_dense(f"fc{len(model.fcs)}", model.out))
+    layers.append({"name": "class", "kind": "argmax"})
+    return layers
+
+
+EXPORTERS = {"SFC": sfc_layers, "CNV": cnv_layers}
 
 
 def qmd_layers(model, cfg):
@@ -172,7 +245,10 @@ def float_model_predictions(model, images, run_dir=None, batch=1000):
     is loaded from ``run_dir``) for uint8 ``images``."""
     if isinstance(model, str):
         model = load_trained(model, run_dir)[0]
-    return float_model_trace(model, images, batch)["class"]
+    model.eval()
+    with torch.no_grad():   # argmax of the logits, as the trace's "class" (without keeping every layer)
+        return np.concatenate([torch.argmax(model(torch.as_tensor(np.asarray(images[i:i + batch]))), dim=-1)
+                               .to(torch.int64).numpy() for i in range(0, len(images), batch)])
 
 
 def reference_predictions(qmd, images, batch=1000):
@@ -205,6 +281,8 @@ def export(model_name, run_dir=None, out_dir=None):
     out_dir = Path(out_dir) if out_dir else ZOO_DIR / model_name
     recipe = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "lr_min", "weight_decay")}
     recipe["augment_shift"] = cfg.get("augment_shift", 0)
+    if cfg.get("augment_flip"):
+        recipe["augment_flip"] = True
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,
@@ -221,7 +299,7 @@ def export(model_name, run_dir=None, out_dir=None):
     description = cfg.get("description", "")
     qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description,
                    dataset=cfg["dataset"])
-    int_cls = reference_predictions(qmd, images)
+    int_cls = reference_predictions(qmd, images, batch=250)
     int_acc = float((int_cls == labels).mean())
     provenance["integer_accuracy_at_export"] = int_acc
     provenance["float_vs_integer_class_mismatches"] = int((int_cls != float_cls).sum())

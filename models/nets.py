@@ -9,9 +9,10 @@ import copy
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from models.quant import BinaryActivation, BinaryLinear
+from models.quant import BinaryActivation, BinaryConv2d, BinaryLinear
 from qnnfab.errors import QnnfabError
 
 
@@ -81,7 +82,98 @@ class SFC(nn.Module):
         return t
 
 
-NETS = {"SFC": SFC}
+class CNV(nn.Module):
+    """FINN's CNV convolutional network, W1A1, for CIFAR-10 (width-parameterised).
+
+    Input: uint8 pixels ``[B, H, W, C]`` channels last (or floats of the same values),
+    permuted to NCHW inside. The first convolution sees ``(q - in_zero) / in_scale`` of
+    the raw pixel values ``q`` (exact in float32 for a power-of-two ``in_scale``); the
+    export folds this affine map into the first threshold, so the integer model's first
+    conv2d takes ``q`` itself. Each convolution (``kernel`` x ``kernel``, stride 1, no
+    padding) is ``BinaryConv2d`` → ``BatchNorm2d`` → ``BinaryActivation``; a 2x2/2 max-pool
+    follows the activation of the convolutions listed in ``pool_after`` (pooling -1/+1
+    values). The result is flattened (torch's C, H, W order; the export permutes the
+    first dense layer's columns to the QMD's H, W, C order) into hidden ``BinaryLinear``
+    → ``BatchNorm1d`` → ``BinaryActivation`` layers and a last ``BinaryLinear`` (no BN)
+    times a fixed positive ``logit_scale``, as in :class:`SFC`.
+
+    Default: 32x32x3 → conv 64, 64, pool, 128, 128, pool, 256, 256 (spatial size
+    32-30-28-14-12-10-5-3-1) → dense 256-512-512-10.
+    """
+
+    def __init__(self, in_shape=(32, 32, 3), channels=(64, 64, 128, 128, 256, 256), pool_after=(1, 3),
+                 kernel=3, hidden=(512, 512), classes=10, in_zero=128, in_scale=128, logit_scale=0.0625,
+                 scale=False, bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        if not logit_scale > 0:
+            raise ValueError("logit_scale must be positive")
+        if not in_scale > 0:
+            raise ValueError("in_scale must be positive")
+        self.in_shape = tuple(int(v) for v in in_shape)
+        self.pool_after = tuple(int(i) for i in pool_after)
+        self.kernel = int(kernel)
+        self.in_zero, self.in_scale = float(in_zero), float(in_scale)
+        self.logit_scale = float(logit_scale)
+        self.act = BinaryActivation()
+        self.convs = nn.ModuleList()
+        self.conv_bns = nn.ModuleList()
+        h, w, c = self.in_shape
+        for i, ch in enumerate(channels):
+            self.convs.append(BinaryConv2d(c, ch, self.kernel, scale=scale))
+            self.conv_bns.append(nn.BatchNorm2d(ch, eps=bn_eps, momentum=bn_momentum))
+            h, w, c = h - self.kernel + 1, w - self.kernel + 1, ch
+            if i in self.pool_after:
+                h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+            if h < 1 or w < 1:
+                raise ValueError(f"input {self.in_shape} is too small for {len(channels)} convolutions")
+        self.feature_shape = (h, w, c)           # channels last, as the QMD sees it
+        self.fcs = nn.ModuleList()
+        self.bns = nn.ModuleList()
+        width = h * w * c
+        for hd in hidden:
+            self.fcs.append(BinaryLinear(width, hd, scale=scale))
+            self.bns.append(nn.BatchNorm1d(hd, eps=bn_eps, momentum=bn_momentum))
+            width = hd
+        self.out = BinaryLinear(width, classes, scale=False)
+
+    def forward(self, x, trace=False):
+        """Float logits ``[B, classes]``; with ``trace=True`` an ordered dict keyed by the
+        exported QMD layer names (``conv0``, ``conv0_act``, ``pool1``, ..., ``fc0``,
+        ``fc0_act``, ..., ``fc<L>``, ``class``; spatial tensors channels last), every value
+        the float model's view of that integer tensor, plus ``logits``."""
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"expected input images of shape {self.in_shape}, got {tuple(x.shape[1:])}")
+        t = OrderedDict()
+        q = x.to(torch.float32).permute(0, 3, 1, 2)
+        a = (q - self.in_zero) / self.in_scale
+        for i, (conv, bn) in enumerate(zip(self.convs, self.conv_bns)):
+            if trace:   # the integer model's first conv sees the raw pixels q
+                t[f"conv{i}"] = conv.dot(q if i == 0 else a).permute(0, 2, 3, 1)
+            a = self.act(bn(conv(a)))
+            if trace:
+                t[f"conv{i}_act"] = a.permute(0, 2, 3, 1)
+            if i in self.pool_after:
+                a = F.max_pool2d(a, 2, 2)
+                if trace:
+                    t[f"pool{i}"] = a.permute(0, 2, 3, 1)
+        a = a.flatten(1)
+        for i, (fc, bn) in enumerate(zip(self.fcs, self.bns)):
+            if trace:
+                t[f"fc{i}"] = fc.dot(a)
+            a = self.act(bn(fc(a)))
+            if trace:
+                t[f"fc{i}_act"] = a
+        dot = self.out(a)
+        logits = dot * self.logit_scale
+        if not trace:
+            return logits
+        t[f"fc{len(self.fcs)}"] = dot
+        t["class"] = torch.argmax(logits, dim=-1)
+        t["logits"] = logits
+        return t
+
+
+NETS = {"SFC": SFC, "CNV": CNV}
 
 MODELS = {
     "bnn_mnist": {
@@ -100,6 +192,26 @@ MODELS = {
                         "at 128, 784-256-256-256-10 with binary weights and activations, "
                         "batch norm folded into integer thresholds; outputs the integer logits "
                         "(dot products) and their argmax."),
+    },
+    "bnn_cifar": {
+        "net": "CNV",
+        "dataset": "cifar10",
+        "input_shape": (32, 32, 3),
+        "net_args": {"in_shape": [32, 32, 3], "channels": [64, 64, 128, 128, 256, 256], "pool_after": [1, 3],
+                     "kernel": 3, "hidden": [512, 512], "classes": 10, "in_zero": 128, "in_scale": 128,
+                     "logit_scale": 0.0625, "scale": False},
+        "epochs": 150,
+        "batch_size": 128,
+        "lr": 0.005,
+        "lr_min": 0.0,
+        "weight_decay": 0.0,
+        "augment_shift": 4,     # random crop of the 4-pixel zero-padded image
+        "augment_flip": True,   # random horizontal flip
+        "description": ("FINN CNV W1A1 convolutional network for CIFAR-10: uint8 RGB input, "
+                        "3x3 valid convolutions 64-64-pool-128-128-pool-256-256 and dense "
+                        "256-512-512-10, binary weights and activations, batch norm (and the "
+                        "input normalisation) folded into integer thresholds; outputs the "
+                        "integer logits (dot products) and their argmax."),
     },
 }
 

@@ -9,6 +9,9 @@ backward passes are approximations (the straight-through estimator, STE):
   float latent weights ``W``; :func:`clip_latent_weights` keeps ``W`` in ``[-1, 1]``
   after every optimizer step. With ``scale=True`` each output is multiplied by the
   XNOR-Net factor ``alpha = mean |W|`` of its row (folded into thresholds at export).
+* :class:`BinaryConv2d` — the convolutional counterpart of :class:`BinaryLinear`
+  (``sign(W)`` of float latent weights ``[out, in, K, K]``, no bias, optional per-output
+  ``alpha``), clipped by :func:`clip_latent_weights` as well.
 * :class:`BinaryActivation` — :class:`BinarySign` applied to the module's input.
 """
 
@@ -83,10 +86,48 @@ class BinaryLinear(nn.Linear):
         return f"{super().extra_repr()}, scale={self.scale}"
 
 
+class BinaryConv2d(nn.Conv2d):
+    """``y = conv2d(x, sign(W))`` (times ``alpha = mean|W|`` per output channel if ``scale``).
+
+    ``W`` (``self.weight``, ``[out, in, K, K]``) holds float latent weights; only their
+    signs reach the forward pass and the exported model. No bias (any offset is folded
+    into the next threshold). Keep ``W`` in ``[-1, 1]`` with :func:`clip_latent_weights`.
+    """
+
+    latent_binary = True
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, scale=False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.scale = scale
+
+    def binary_weight(self):
+        """The -1/+1 weights the forward pass uses (float tensor, with STE gradient)."""
+        return binary_sign(self.weight)
+
+    def alpha(self):
+        """Per-output-channel scale ``mean |W|`` ``[out]`` (ones when ``scale`` is off)."""
+        if not self.scale:
+            return torch.ones(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+        return self.weight.abs().mean(dim=(1, 2, 3))
+
+    def dot(self, x):
+        """The integer-valued convolution of ``x`` with ``sign(W)`` (before ``alpha``), NCHW."""
+        return F.conv2d(x, self.binary_weight(), None, self.stride, self.padding)
+
+    def forward(self, x):
+        y = self.dot(x)
+        if self.scale:
+            y = y * self.alpha().view(1, -1, 1, 1)
+        return y
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, scale={self.scale}"
+
+
 @torch.no_grad()
 def clip_latent_weights(model):
-    """Clamp the latent weights of every binary-weight module in ``model`` to ``[-1, 1]``
-    (call after each optimizer step). Returns the number of modules clipped."""
+    """Clamp the latent weights of every binary-weight module in ``model``
+    (:class:`BinaryLinear`, :class:`BinaryConv2d`) to ``[-1, 1]`` (call after each optimizer step). Returns the number of modules clipped."""
     n = 0
     for m in model.modules():
         if getattr(m, "latent_binary", False):

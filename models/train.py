@@ -42,7 +42,7 @@ def _recipe(cfg):
     """The parts of a config that define the training run (compared on resume)."""
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
-        {k: cfg[k] for k in ("augment_shift", "train_limit", "test_limit") if cfg.get(k)}
+        {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit") if cfg.get(k)}
 
 
 def _jsonable(obj):
@@ -100,6 +100,25 @@ def shift_images(x, s):
             if m.any():
                 out[m] = xp[m, s + oy:s + oy + h, s + ox:s + ox + w]
     return out
+
+
+def flip_images(x):
+    """Mirror each uint8 image of ``x`` ``[B, H, W, C]`` left-right with probability 1/2
+    (uses the global torch RNG)."""
+    m = torch.rand(x.shape[0]) < 0.5
+    out = x.clone()
+    out[m] = x[m].flip(2)
+    return out
+
+
+def augment(x, cfg):
+    """The recipe's training augmentation of a uint8 batch ``[B, H, W, C]``: a random
+    shift by up to ``augment_shift`` pixels with zero fill (= a random crop of the image
+    zero-padded by that many pixels), then a random horizontal flip if ``augment_flip``."""
+    x = shift_images(x, cfg.get("augment_shift", 0))
+    if cfg.get("augment_flip"):
+        x = flip_images(x)
+    return x
 
 
 def _make_optimizer(model, cfg):
@@ -173,7 +192,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
                    leave=False, disable=not progress, mininterval=2.0, file=sys.stderr)
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
-            x, y = shift_images(xtr[idx], cfg.get("augment_shift", 0)), ytr[idx]
+            x, y = augment(xtr[idx], cfg), ytr[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -183,7 +202,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
             tot_loss += loss.item() * len(idx)
             tot_correct += int((logits.argmax(dim=1) == y).sum())
             if b % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         sched.step()
         test_acc = evaluate(model, xte, yte)
