@@ -205,3 +205,22 @@ def test_small_cnv_train_and_export(tmp_path, monkeypatch, cifar_test):
     assert summary["mismatches"] <= 1
     assert summary["test_images"] == 300
     assert qmd.provenance["recipe"]["augment_flip"] is True
+
+
+def test_exported_cnv_runs_bit_exact_in_the_generated_rtl(tmp_path, cifar_test):
+    """Float CNV -> export -> QMD -> generated Verilog (C++ Verilator harness): the hardware's
+    classes and logits equal the integer reference, which equals the float model."""
+    from sim.fast import simulate_all
+    model = _randomize(CNV(**SMALL), seed=21)
+    images, labels = cifar_test[0][:24], cifar_test[1][:24]
+    qmd = save_qmd(tmp_path / "cnv", "cnv", (32, 32, 3), "uint8",
+                   qmd_layers(model, {"net": "CNV", "input_shape": (32, 32, 3)}), dataset="cifar10")
+    _check_equal(qmd, model, images[:8])
+    folding = {"conv0": {"pe": 4, "simd": 3}, "conv1": {"pe": 8, "simd": 8}, "conv2": {"pe": 4, "simd": 8},
+               "conv3": {"pe": 8, "simd": 4}, "conv4": {"pe": 8, "simd": 8}, "conv5": {"pe": 4, "simd": 8},
+               "fc0": {"pe": 4, "simd": 4}, "fc1": {"pe": 2, "simd": 4}, "fc2": {"pe": 2, "simd": 2}}
+    rep = simulate_all(qmd, folding, images, labels, tmp_path / "rtl")
+    assert rep["images"] == 24 and rep["mismatches"] == 0
+    assert rep["hardware_accuracy"] == rep["reference_accuracy"]
+    assert abs(rep["cycles_per_frame_measured"] - rep["cycles_per_frame_analytic"]) <= \
+        0.05 * rep["cycles_per_frame_analytic"]
