@@ -7,6 +7,7 @@ MODEL  ?= bnn_mnist
 IMAGES ?= 100
 STALL  ?= 0
 EPOCHS ?=
+DEVICE ?= cpu
 
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PY    := $(VENV)/bin/python
@@ -20,7 +21,7 @@ help:
 	@echo "make sim-full MODEL=m                   the whole test set through the RTL (C++ Verilator harness)"
 	@echo "make eval MODEL=m                       integer reference accuracy on the full test set"
 	@echo "make check MODEL=m                      validate the model description and folding"
-	@echo "make train MODEL=m [EPOCHS=n]           quantization-aware training (resumable)"
+	@echo "make train MODEL=m [EPOCHS=n] [DEVICE=cuda]  quantization-aware training (resumable)"
 	@echo "make export MODEL=m                     export the trained model to models/zoo/m"
 	@echo "make test                               the test suite"
 
@@ -50,7 +51,7 @@ check: $(STAMP)
 	$(PY) -m qnnfab check --model $(MODEL)
 
 train: $(STAMP)
-	$(PY) -m qnnfab train --model $(MODEL) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(PY) -m qnnfab train --model $(MODEL) --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS))
 
 export: $(STAMP)
 	$(PY) -m qnnfab export --model $(MODEL)

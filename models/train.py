@@ -78,8 +78,10 @@ def evaluate(model, x, y, batch=1000):
     was_training = model.training
     model.eval()
     correct = 0
+    device = next(model.parameters()).device
     for i in range(0, len(x), batch):
-        correct += int((model(x[i:i + batch]).argmax(dim=1) == y[i:i + batch]).sum())
+        pred = model(x[i:i + batch].to(device)).argmax(dim=1).cpu()
+        correct += int((pred == y[i:i + batch]).sum())
     model.train(was_training)
     return correct / len(x)
 
@@ -131,14 +133,29 @@ def _make_optimizer(model, cfg):
     return torch.optim.Adam(groups, lr=cfg["lr"])
 
 
-def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True):
+def _device(name):
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise QnnfabError(f"--device {name}: this torch build or machine has no CUDA device (use --device cpu)")
+        return torch.device(name)
+    raise QnnfabError(f"--device must be 'cpu' or 'cuda[:N]', got {name!r}")
+
+
+def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True,
+          device="cpu"):
     """Train ``model_name`` (a key of :data:`models.nets.MODELS`) and return a summary dict.
 
     ``epochs`` overrides the recipe's epoch count (it sets the cosine schedule's length).
     ``resume`` continues from ``<run_dir>/ckpt.pt`` if it exists (the same recipe and
     seed are required). ``stop_after`` ends this invocation after that many epochs
     (the run can be resumed later, with the same result as an uninterrupted one).
+    ``device`` ("cpu" or "cuda[:N]") is where the model and batches live; data loading,
+    augmentation and checkpoints stay on the CPU, so a run may resume on another device
+    (bit-identical resumption is promised on the same device only).
     """
+    dev = _device(device)
     torch.set_num_threads(THREADS)
     cfg = model_config(model_name)
     if epochs is not None:
@@ -151,7 +168,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     recipe = _jsonable(_recipe(cfg))
 
     torch.manual_seed(seed)
-    model = build_model(cfg)
+    model = build_model(cfg).to(dev)
     clip_latent_weights(model)
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
@@ -192,7 +209,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
                    leave=False, disable=not progress, mininterval=2.0, file=sys.stderr)
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
-            x, y = augment(xtr[idx], cfg), ytr[idx]
+            x, y = augment(xtr[idx], cfg).to(dev), ytr[idx].to(dev)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -238,10 +255,11 @@ def main(argv=None):
     p.add_argument("--no-resume", action="store_true", help="start over, ignoring a checkpoint")
     p.add_argument("--run-dir", default=None, help="checkpoint directory (default: runs/<model>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = p.parse_args(argv)
     try:
         s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
-                  run_dir=args.run_dir, progress=not args.no_progress)
+                  run_dir=args.run_dir, progress=not args.no_progress, device=args.device)
     except QnnfabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

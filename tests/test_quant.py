@@ -1,5 +1,6 @@
 """Straight-through-estimator quantizers: forward values, STE gradients, latent clipping."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,13 @@ def test_clipping_after_optimizer_steps_keeps_weights_in_range_and_training_work
     model.eval()
     acc = (model(x).argmax(1) == y).float().mean()
     assert acc > 0.85
+
+
+def test_train_device_is_validated():
+    from models.train import train
+    from qnnfab.errors import QnnfabError
+    with pytest.raises(QnnfabError, match="--device must be 'cpu' or 'cuda"):
+        train("bnn_mnist", epochs=1, device="tpu", run_dir="/nonexistent-never-created")
+    if not torch.cuda.is_available():
+        with pytest.raises(QnnfabError, match="no CUDA device"):
+            train("bnn_mnist", epochs=1, device="cuda", run_dir="/nonexistent-never-created")
