@@ -65,21 +65,7 @@ class SFC(nn.Module):
         t = OrderedDict()
         a = self.binarize_input(x)
         t["binarize"] = a.reshape(x.shape)
-        a = self.in_drop(a)
-        for i, (fc, bn, drop) in enumerate(zip(self.fcs, self.bns, self.drops)):
-            if trace:
-                t[f"fc{i}"] = fc.dot(a)
-            a = self.act(bn(fc(a)))
-            t[f"fc{i}_act"] = a
-            a = drop(a)
-        dot = self.out(a)
-        logits = dot * self.logit_scale
-        if not trace:
-            return logits
-        t[f"fc{len(self.fcs)}"] = dot
-        t["class"] = torch.argmax(logits, dim=-1)
-        t["logits"] = logits
-        return t
+        return _dense_head(self, self.in_drop(a), t, trace, self.drops)
 
 
 class CNV(nn.Module):
@@ -156,21 +142,30 @@ class CNV(nn.Module):
                 a = F.max_pool2d(a, 2, 2)
                 if trace:
                     t[f"pool{i}"] = a.permute(0, 2, 3, 1)
-        a = a.flatten(1)
-        for i, (fc, bn) in enumerate(zip(self.fcs, self.bns)):
-            if trace:
-                t[f"fc{i}"] = fc.dot(a)
-            a = self.act(bn(fc(a)))
-            if trace:
-                t[f"fc{i}_act"] = a
-        dot = self.out(a)
-        logits = dot * self.logit_scale
-        if not trace:
-            return logits
-        t[f"fc{len(self.fcs)}"] = dot
-        t["class"] = torch.argmax(logits, dim=-1)
-        t["logits"] = logits
-        return t
+        return _dense_head(self, a.flatten(1), t, trace)
+
+
+def _dense_head(net, a, t, trace, drops=None):
+    """The fully connected part shared by SFC and CNV: hidden binary dense + BN + sign
+    layers (``net.fcs``, ``net.bns``, optional dropout after each), then the binary output
+    layer scaled by ``net.logit_scale``. Records ``fc<i>``, ``fc<i>_act``, the logits layer,
+    ``class`` and ``logits`` in ``t`` when tracing."""
+    for i, (fc, bn) in enumerate(zip(net.fcs, net.bns)):
+        if trace:
+            t[f"fc{i}"] = fc.dot(a)
+        a = net.act(bn(fc(a)))
+        if trace:
+            t[f"fc{i}_act"] = a
+        if drops is not None:
+            a = drops[i](a)
+    dot = net.out(a)
+    logits = dot * net.logit_scale
+    if not trace:
+        return logits
+    t[f"fc{len(net.fcs)}"] = dot
+    t["class"] = torch.argmax(logits, dim=-1)
+    t["logits"] = logits
+    return t
 
 
 NETS = {"SFC": SFC, "CNV": CNV}
