@@ -1,6 +1,6 @@
 """Small combinational building blocks shared by the engines."""
 
-from amaranth.hdl import Cat, Const, Shape, unsigned
+from amaranth.hdl import Cat, Const, Shape
 
 
 def bits_for(value):
@@ -72,4 +72,3 @@ def threshold_shape(ge_rows, lo, hi):
     return Shape.cast(range(min(flat), max(flat) + 1))
 
 
-__all__ = ["bits_for", "popcount", "sum_tree", "ge_threshold_count", "to_ge_thresholds", "threshold_shape", "unsigned"]

@@ -61,7 +61,3 @@ def validate_folding(layers, qmd, where="<folding>"):
         out[layer.name] = {"pe": entry["pe"], "simd": entry["simd"]}
     return out
 
-
-def minimal_folding(qmd):
-    """PE = SIMD = 1 everywhere: the smallest (slowest) design. Used when no folding file exists."""
-    return {l.name: {"pe": 1, "simd": 1} for l in qmd.layers if l.kind in FOLDED_KINDS}

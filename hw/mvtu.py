@@ -107,10 +107,6 @@ class MVTU(wiring.Component):
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
         })
 
-    @property
-    def cycles_per_vector(self):
-        return self.nf * self.sf
-
     def weight_words(self):
         """Weight memory contents: word ``f*SF + s`` holds, at bits ``p*SIMD + k``, the bit
         of ``W[f*PE + p, s*SIMD + k]``."""

