@@ -195,7 +195,7 @@ MODELS = {
         "net_args": {"in_shape": [32, 32, 3], "channels": [64, 64, 128, 128, 256, 256], "pool_after": [1, 3],
                      "kernel": 3, "hidden": [512, 512], "classes": 10, "in_zero": 128, "in_scale": 128,
                      "logit_scale": 0.0625, "scale": False},
-        "epochs": 150,
+        "epochs": 50,
         "batch_size": 128,
         "lr": 0.005,
         "lr_min": 0.0,
