@@ -92,6 +92,11 @@ class BoardFormat:
                               where="image")
         return bytes([CMD_IMAGE]) + (x.astype(np.int64) & 0xFF).astype(np.uint8).tobytes()
 
+    def encode_result(self, cls, logits):
+        """The ``'R'`` reply the board sends for ``cls`` and ``logits`` (for fakes and tests)."""
+        b = self.logit_bytes
+        return bytes([REPLY_RESULT, int(cls)]) + b"".join(int(v).to_bytes(b, "little", signed=True) for v in logits)
+
     def decode_result(self, reply):
         """An ``'R'`` reply (``result_bytes`` long) -> ``(cls, logits)``."""
         reply = bytes(reply)
