@@ -20,7 +20,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from boards.protocol import CMD_IMAGE, REPLY_ERROR, REPLY_RESULT, BoardFormat
-from boards.uart import UARTReceiver, UARTTransmitter, _check_divisor, uart_divisor
+from boards.uart import UARTReceiver, UARTTransmitter, check_divisor, uart_divisor
 from hw.network import Accelerator, frame_cycles
 from qnnfab.errors import QnnfabError
 
@@ -43,7 +43,7 @@ class UartAccelerator(wiring.Component):
     """
 
     def __init__(self, qmd, folding, divisor, *, timeout_bits=DEFAULT_TIMEOUT_BITS, fifo_depth=16):
-        _check_divisor(divisor)
+        check_divisor(divisor)
         if isinstance(timeout_bits, bool) or not isinstance(timeout_bits, int) or timeout_bits < 20:
             raise ValueError(f"timeout_bits must be an integer >= 20 bit times, not {timeout_bits!r}")
         if isinstance(fifo_depth, bool) or not isinstance(fifo_depth, int) or fifo_depth < 2:
@@ -180,11 +180,6 @@ class UartAccelerator(wiring.Component):
 
 # --------------------------------------------------------------------------- boards
 
-def _orangecrab_base():
-    from amaranth_boards.orangecrab_r0_2 import _OrangeCrabR0_2Platform
-    return _OrangeCrabR0_2Platform
-
-
 def _platforms():
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     from amaranth_boards.orangecrab_r0_2 import OrangeCrabR0_2_25FPlatform
@@ -222,7 +217,8 @@ def ensure_uart(platform):
     USB-serial adapter. Other platforms without one are an error."""
     if _has(platform, "uart"):
         return
-    if isinstance(platform, _orangecrab_base()):
+    from amaranth_boards import orangecrab_r0_2 as oc
+    if isinstance(platform, (oc.OrangeCrabR0_2Platform, oc.OrangeCrabR0_2_25FPlatform, oc.OrangeCrabR0_2_85FPlatform)):
         from amaranth.build import Attrs
         from amaranth_boards.resources import UARTResource
         platform.add_resources([UARTResource(0, rx="0", tx="1", conn=("io", 0),

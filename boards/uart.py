@@ -16,7 +16,7 @@ MIN_DIVISOR = 4
 BAUD_TOLERANCE = 0.02       # the largest relative baud error a board top accepts
 
 
-def _check_divisor(divisor):
+def check_divisor(divisor):
     if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < MIN_DIVISOR:
         raise ValueError(f"divisor must be an integer >= {MIN_DIVISOR} clock cycles per bit, not {divisor!r}")
 
@@ -54,7 +54,7 @@ class UARTReceiver(wiring.Component):
     """
 
     def __init__(self, divisor):
-        _check_divisor(divisor)
+        check_divisor(divisor)
         self.divisor = divisor
         super().__init__({
             "rx": In(1, init=1),
@@ -127,7 +127,7 @@ class UARTTransmitter(wiring.Component):
     """
 
     def __init__(self, divisor):
-        _check_divisor(divisor)
+        check_divisor(divisor)
         self.divisor = divisor
         super().__init__({"i": In(stream.Signature(8)), "tx": Out(1, init=1)})
 
