@@ -8,12 +8,13 @@ IMAGES ?= 100
 STALL  ?= 0
 EPOCHS ?=
 DEVICE ?= cpu
+BOARD  ?= ulx3s-85f
 
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PY    := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv verilog sim sim-full eval check train export test clean
+.PHONY: help venv verilog sim sim-full eval check synth train export test clean
 
 help:
 	@echo "make sim MODEL=bnn_mnist [IMAGES=100]  generate, simulate in Verilator on real test images, report"
@@ -21,6 +22,8 @@ help:
 	@echo "make sim-full MODEL=m                   the whole test set through the RTL (C++ Verilator harness)"
 	@echo "make eval MODEL=m                       integer reference accuracy on the full test set"
 	@echo "make check MODEL=m                      validate the model description and folding"
+	@echo "make synth MODEL=m BOARD=b              Yosys + nextpnr (+ bitstream): build/m/synth-b.json/.md/.svg"
+	@echo "                                          b: icebreaker ulx3s-85f orangecrab-25f ooc-up5k ooc-25f ooc-85f"
 	@echo "make train MODEL=m [EPOCHS=n] [DEVICE=cuda]  quantization-aware training (resumable)"
 	@echo "make export MODEL=m                     export the trained model to models/zoo/m"
 	@echo "make test                               the test suite"
@@ -49,6 +52,9 @@ eval: $(STAMP)
 
 check: $(STAMP)
 	$(PY) -m qnnfab check --model $(MODEL)
+
+synth: $(STAMP)
+	$(PY) -m qnnfab synth --model $(MODEL) --board $(BOARD)
 
 train: $(STAMP)
 	$(PY) -m qnnfab train --model $(MODEL) --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS))

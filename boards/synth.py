@@ -89,10 +89,19 @@ def _cells_of(stat_json):
     return next(iter(mods.values()), {}).get("num_cells_by_type", {}) if mods else {}
 
 
-def _yosys_script(family, top, opts=""):
+# Yosys 0.50's abc9 flow (the ECP5 default) is not safe on these netlists: it left
+# multiply-driven nets in the UART board top and asserted on the argmax stage. The classic
+# abc flow is used instead, and ``check -assert`` stops the flow on any conflicting driver.
+_SYNTH_OPTS = {"ecp5": "-noabc9", "ice40": ""}
+
+
+def _yosys_script(family, top, source=None):
+    source = source or f"{top}.v"
+    reader = "read_rtlil" if source.endswith(".il") else "read_verilog"
     return "\n".join([
-        f"read_verilog {top}.v",
-        f"synth_{family} {opts} -top {top}",
+        f"{reader} {source}",
+        f"synth_{family} {_SYNTH_OPTS[family]} -top {top}",
+        "check -assert",
         f"tee -q -o {top}.stat.json stat -json",
         f"write_json {top}.json",
         "",
@@ -113,33 +122,27 @@ def synth_stage_resources(acc, family, out, yosys, salt=""):
     res = {}
     for k, s in enumerate(acc.stages):
         v = verilog.convert(acc.engine(k), name="stage", emit_src=False)
-        key = hashlib.sha256((family + salt + v).encode()).hexdigest()[:16]
+        key = hashlib.sha256((family + _SYNTH_OPTS[family] + salt + v).encode()).hexdigest()[:16]
         cache = d / f"{s.name}.{key}.json"
         if cache.is_file():
             res[s.name] = json.loads(cache.read_text())
             continue
         (d / "stage.v").write_text(v)
-        # Yosys 0.50's abc9 asserts on a few small engines; plain abc maps those
-        for opts in ("", "-noabc9"):
-            (d / "stage.ys").write_text(_yosys_script(family, "stage", opts).replace("write_json stage.json\n", ""))
-            try:
-                _run([yosys, "-q", "-l", f"{s.name}.log", "stage.ys"], d / f"{s.name}.stdout", d,
-                     f"yosys synthesis of stage '{s.name}'")
-                break
-            except QnnfabError:
-                if opts:
-                    raise
+        (d / "stage.ys").write_text(_yosys_script(family, "stage").replace("write_json stage.json\n", ""))
+        _run([yosys, "-q", "-l", f"{s.name}.log", "stage.ys"], d / f"{s.name}.stdout", d,
+             f"yosys synthesis of stage '{s.name}'")
         res[s.name] = count_cells(_cells_of(json.loads((d / "stage.stat.json").read_text())), family)
         cache.write_text(json.dumps(res[s.name]))
     return res
 
 
 def _design(qmd, folding, target, out):
-    """Write ``top.v`` (+ constraints) for ``target``; returns (accelerator, constraint file or None).
+    """Write the design for ``target``; returns (accelerator, source file, constraint file or None).
 
-    Yosys reads Verilog written by Amaranth's own (pinned) Yosys rather than Amaranth's
-    RTLIL, and Yosys is pinned to 0.50 (the version inside Amaranth 0.5): Yosys 0.70 mis-reads Amaranth 0.5 wire names with brackets
-    (``\\o__payload[0]``) as bit selects and silently drops logic."""
+    Yosys is pinned to 0.50, the version inside Amaranth 0.5: Yosys 0.70 mis-reads
+    Amaranth 0.5 netlists (wire names with brackets such as ``\\o__payload[0]`` become bit
+    selects, and logic is silently dropped). Bare accelerators go through Amaranth's
+    Verilog, boards through the platform's RTLIL (its Verilog has a multiply-driven net)."""
     from amaranth.back import verilog
 
     from hw.network import Accelerator
@@ -150,19 +153,20 @@ def _design(qmd, folding, target, out):
             from boards.ooc import PinHarness
             top = PinHarness(acc)
         (out / "top.v").write_text(verilog.convert(top, name="top", emit_src=False))
-        return acc, None
+        return acc, "top.v", None
     from boards.top import BoardTop, board_platform
     platform = board_platform(target.board)
     top = BoardTop(qmd, folding)
+    acc = Accelerator(qmd, folding)   # the same plan BoardTop builds, for the per-stage figures
+    acc._MustUse__silence = True      # only its stages and engines are used
     plan = platform.build(top, name="top", build_dir=str(out), do_build=False)
     constraints = None
     for fname, content in plan.files.items():
-        if fname in ("top.debug.v", "top.pcf", "top.lpf"):
-            data = content.encode() if isinstance(content, str) else content
-            (out / ("top.v" if fname == "top.debug.v" else fname)).write_bytes(data)
-            if fname != "top.debug.v":
+        if fname in ("top.il", "top.pcf", "top.lpf"):
+            (out / fname).write_bytes(content.encode() if isinstance(content, str) else content)
+            if fname != "top.il":
                 constraints = fname
-    return top.accelerator, constraints
+    return acc, "top.il", constraints
 
 
 def synthesize(qmd, folding, target, out, seed=1):
@@ -180,9 +184,9 @@ def synthesize(qmd, folding, target, out, seed=1):
         (out / f).unlink(missing_ok=True)
 
     t0 = time.time()
-    acc, constraints = _design(qmd, folding, target, out)
+    acc, source, constraints = _design(qmd, folding, target, out)
     stages = acc.stages
-    (out / "top.ys").write_text(_yosys_script(dev.family, "top"))
+    (out / "top.ys").write_text(_yosys_script(dev.family, "top", source=source))
     t_yosys = _run([yosys, "-q", "-l", "yosys.log", "top.ys"], out / "yosys.stdout", out, "yosys synthesis")
     totals = count_cells(_cells_of(json.loads((out / "top.stat.json").read_text())), dev.family)
 
@@ -235,9 +239,11 @@ def synthesize(qmd, folding, target, out, seed=1):
         "luts": totals["luts"], "ffs": totals["ffs"], "lutram_cells": totals["lutram"],
         "bram_bits": bram_bits, "bram_blocks": {"ebr": totals["ebr"], "spram": totals["spram"]},
         "dsp": totals["dsp"], "weight_bits": weight_bits,
+        "device_blocks": {"ebr_bits": dev.ebr_bits, "spram_bits": dev.spram_bits},
         "budget": {"luts": dev.luts, "ffs": dev.ffs, "bram_bits": dev.bram_bits, "dsp": dev.dsp},
         "fmax_mhz": fmax, "fits": fits, "failure": reason,
-        "cycles_per_frame": cpf, "fps": round(fmax * 1e6 / cpf, 1) if fmax and fits else None,
+        "cycles_per_frame": cpf, "bottleneck": next(s.name for s in stages if s.cycles_per_frame == cpf),
+        "fps": round(fmax * 1e6 / cpf, 1) if fmax and fits else None,
         "utilization": util, "layers": layers, "bitstream": bitstream,
         "seconds": {"yosys": round(t_yosys, 1), "nextpnr": round(t_pnr, 1) if t_pnr else None,
                     "stages": round(t_stages, 1),

@@ -5,6 +5,7 @@
   sim-full --model M        the whole test set through the RTL -> build/M/sim_full.json
   eval    --model M         integer reference accuracy on the test set -> build/M/eval.json
   check   --model M         validate the QMD and its folding
+  synth   --model M --board B   synthesis + place-and-route -> build/M/synth-B.json/.md/.svg
   train / export            quantization-aware training and export (models.train / models.export)
 
 A model is a zoo name (models/zoo/<name>) or a path to a QMD directory. Errors in user
@@ -114,6 +115,24 @@ def cmd_eval(args):
     print(f"wrote {out / 'eval.json'}")
 
 
+def cmd_synth(args):
+    from boards.synth import synthesize
+    from boards.synth_report import share_svg, synth_markdown
+    from boards.targets import get_target
+    from hw.report import write_json
+    target = get_target(args.board)
+    qmd, folding = _load(args.model, args.folding)
+    out = build_dir(qmd.name)
+    rep = synthesize(qmd, folding, target, out / f"synth-{target.name}", seed=args.seed)
+    stem = f"synth-{target.name}"
+    write_json(out / f"{stem}.json", rep)
+    (out / f"{stem}.svg").write_text(share_svg(rep))
+    (out / f"{stem}.md").write_text(synth_markdown(rep, f"{stem}.svg"))
+    print(synth_markdown(rep, f"{stem}.svg"))
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}, {out / (stem + '.svg')}")
+    return 0 if rep["fits"] else 1
+
+
 def _load_qmd_only(model):
     from models.qmd import load_qmd
     d = model_dir(model)
@@ -150,6 +169,9 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.set_defaults(fn=cmd_eval)
     model_cmd("check", cmd_check, "validate a QMD and its folding")
+    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device")
+    p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     for name, mod in (("train", "models.train"), ("export", "models.export")):
         p = sub.add_parser(name, help=f"see python -m {mod} --help", add_help=False)
         p.set_defaults(fn=None, module=mod)
