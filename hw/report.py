@@ -6,56 +6,25 @@
 * ``layers``: one entry per pipeline stage, in order: ``name``, ``kind`` (QMD layer kind,
   or ``width_converter``), ``engine``, ``pe``, ``simd``, ``cycles_per_frame`` (analytic),
   ``fused`` (the QMD layers the stage implements), ``in_lanes``/``out_lanes``, and an
-  ``estimated`` resource dict (``weight_bits``, ``buffer_bits``, ``luts``, ``ffs``)
+  ``estimated`` resource dict for an ECP5 (``weight_bits``, ``buffer_bits``, ``luts``,
+  ``ffs``, ``bram_blocks``, ``bram_bits``, ``spram_blocks``, ``calibrated``)
 * ``cycles_per_frame``: analytic frame interval = the slowest stage's cycles
 * ``bottleneck``: that stage's name
 * ``estimated``: the totals of the per-stage estimates
 
-The resource estimate is an analytic first-order model (documented in docs/architecture.md),
-not yet calibrated against Yosys; synthesis reports carry the measured figures.
+The resource estimate is the analytic model of :mod:`hw.resource_model`, calibrated
+against Yosys (``make calibrate``); synthesis reports carry the measured figures next to it.
 """
 
 import json
 
-from hw.arith import bits_for
+from hw import resource_model
 from hw.network import frame_cycles
 
 
-def estimate_stage(s):
-    """First-order resources of one stage: memory bits, LUTs and flip-flops."""
-    if s.engine in ("xnor_mvtu", "addsub_mvtu"):
-        layer = s.layers[0]
-        m, n = layer.weights.shape
-        in_bits = 1 if s.engine == "xnor_mvtu" else layer.in_act.bits
-        acc = bits_for(n) + in_bits
-        n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
-        thr_bits = m * (n_thr * bits_for(n + 1) + 1) if n_thr else 0
-        # per PE: SIMD XNOR + popcount tree (~SIMD LUT4), accumulator adder + mux (2/bit),
-        # comparators (1/bit each); out register and accumulator flip-flops
-        # add/subtract of in_bits-wide inputs costs ~in_bits LUTs per element instead of ~2 per bit
-        luts = s.pe * (2 * s.simd * in_bits + 2 * acc + n_thr * acc) + 4 * bits_for(m * n)
-        ffs = s.pe * (acc + s.out_shape.width) + 2 * bits_for(m * n) + 8
-        return {"weight_bits": m * n, "buffer_bits": 2 * n * in_bits + thr_bits, "luts": luts, "ffs": ffs}
-    lanes = max(s.in_lanes, s.out_lanes)
-    width = s.out_shape.width if s.out_shape is not None else 8
-    if s.engine == "threshold_unit":
-        t = len(s.layers[0].arrays["thresholds"][0])
-        return {"weight_bits": 0, "buffer_bits": 0, "luts": lanes * t * 8, "ffs": lanes * width + 2}
-    if s.engine == "sliding_window":
-        p = s.params
-        rows = 2 * p["kernel"] + p["stride"]
-        return {"weight_bits": 0, "buffer_bits": rows * p["width"] * p["channels"] * width,
-                "luts": lanes * width + 60, "ffs": lanes * width + 60}
-    if s.engine == "maxpool":
-        p = s.params
-        return {"weight_bits": 0, "buffer_bits": p["width"] // p["kernel"] * p["channels"] * width,
-                "luts": lanes * width * 2 + 30, "ffs": lanes * width * 2 + 30}
-    if s.engine == "width_converter":
-        return {"weight_bits": 0, "buffer_bits": 0, "luts": lanes * width, "ffs": 2 * lanes * width + 4}
-    if s.engine == "argmax_output":
-        c, w = s.params["classes"], s.params["logit_shape"].width
-        return {"weight_bits": 0, "buffer_bits": 0, "luts": s.in_lanes * 2 * w + c * w // 2, "ffs": 2 * c * w + w + 8}
-    raise AssertionError(s.engine)
+def estimate_stage(s, family="ecp5"):
+    """Estimated resources of one stage (see :mod:`hw.resource_model`)."""
+    return resource_model.estimate_stage(s, family)
 
 
 def design_report(qmd, folding, stages, verilog_path, top):
@@ -70,7 +39,8 @@ def design_report(qmd, folding, stages, verilog_path, top):
     totals = {}
     for l in layers:
         for k, v in l["estimated"].items():
-            totals[k] = totals.get(k, 0) + v
+            if not isinstance(v, bool):
+                totals[k] = totals.get(k, 0) + v
     return {
         "model": qmd.name, "qmd_version": 1, "top": top, "verilog": str(verilog_path),
         "folding": folding, "input_lanes": stages[0].in_lanes,
@@ -101,7 +71,8 @@ def design_markdown(rep):
         f"at 100 MHz that is {100e6 / rep['cycles_per_frame']:,.0f} frames/s.",
         "",
         f"Estimated totals: {rep['estimated']['weight_bits']:,} weight bits, {rep['estimated']['luts']:,} LUTs, "
-        f"{rep['estimated']['ffs']:,} FFs (analytic model, not yet calibrated against Yosys).",
+        f"{rep['estimated']['ffs']:,} FFs, {rep['estimated']['bram_blocks']} ECP5 EBR blocks "
+        "(analytic model calibrated against Yosys, hw/resource_model.py).",
         "",
     ])
 
