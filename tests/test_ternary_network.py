@@ -100,19 +100,22 @@ def test_plan_and_report_carry_dense_and_zero_skip_cycles(tmp_path):
 
 def test_ternary_network_rtl_bit_exact_and_cycles_match(tmp_path):
     """Generated Verilog in Verilator: a random ternary CNN (8-bit pixels, ternary activations,
-    TTQ scales), every inner stream compared; then at full rate, measured frame interval vs analytic."""
+    TTQ scales), every inner stream compared at full rate; the zero-skip conv0 is the
+    bottleneck and the measured frame interval equals its analytic cycles (from its weights).
+    (Random stalls on the ternary engine and whole networks: the Amaranth-simulator tests.)"""
     qmd = random_ternary_cnn(tmp_path / "qmd", input_shape=(8, 8, 3),
                              convs=((8, 3, 1, 1, True), (8, 3, 1, 0, False)), act="ternary", ttq=True,
                              density=0.3, seed=12)
     folding = {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 2, "simd": 4}, "fc": {"pe": 1, "simd": 8}}
     images = np.random.default_rng(3).integers(0, 256, (8, 8, 8, 3)).astype(np.uint8)
-    rep = simulate(qmd, folding, images, tmp_path / "rtl", in_stall=0.2, out_stall=0.2, seed=2)
-    assert rep["mismatches"] == 0
+    rep = simulate(qmd, folding, images, tmp_path / "rtl")
+    assert rep["mismatches"] == 0 and rep["images"] == 8
     assert rep["layers_compared"] == 5        # conv0_act, pool0, conv1_act, fc, class
-    assert {s["engine"] for s in rep["per_stage"]} >= {"sliding_window", "ternary_mvtu", "maxpool"}
-    rep = simulate(qmd, folding, images, tmp_path / "rtl_full_rate")
-    assert rep["mismatches"] == 0
+    assert all(s["mismatches"] == 0 for s in rep["per_stage"])
+    stages = {s["stage"]: s for s in rep["per_stage"]}
+    assert [s["engine"] for s in rep["per_stage"] if s["stage"] in ("conv0", "conv1", "fc")] == ["ternary_mvtu"] * 3
+    conv0 = stages["conv0"]
+    dense = 64 * (8 // 2) * (27 // 3)             # 8x8 windows, NF = 4, SF = 9
+    assert conv0["cycles_per_frame_analytic"] == rep["cycles_per_frame_analytic"] < 0.5 * dense
     measured, analytic = rep["cycles_per_frame_measured"], rep["cycles_per_frame_analytic"]
     assert abs(measured - analytic) <= 0.05 * analytic, (measured, analytic)
-    ternary = [s for s in rep["per_stage"] if s["engine"] == "ternary_mvtu"]
-    assert all(s["mismatches"] == 0 for s in ternary)
