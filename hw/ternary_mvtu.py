@@ -12,9 +12,10 @@ Compressed weights: element-level gather, lane-banked inputs, independent lanes
   kept in ``SIMD`` banks (bank ``j`` holds ``x[s*SIMD + j]`` at address ``s``), so a
   lane reads its own bank and no crossbar is needed. Lane ``j`` of PE ``p`` has its own
   schedule memory: for each of the PE's neurons ``f*PE + p`` (``f`` = 0..NF-1) the
-  non-zero weights of its lane as slots ``(address s, negative, non-zero, last)`` —
-  one empty slot for a neuron with no non-zero in that lane — and walks it at one slot
-  per cycle, accumulating the neuron's partial sum, which it pushes into a small FIFO
+  non-zero weights of its lane as slots ``(address gap, negative, non-zero, last)`` —
+  the gap to the previous non-zero's bank address, in the fewest bits that cost no cycle
+  (escape slots bridge longer gaps, in lanes that are not the busiest); one empty slot for a neuron with no non-zero in
+  that lane — and walks it at one slot per cycle, accumulating the neuron's partial sum, which it pushes into a small FIFO
   at the neuron's last slot. The PE's reducer adds the ``SIMD`` partial sums of a
   neuron (an adder tree; TTQ: ``dot = pos_scale*P - neg_scale*N`` of the positive and
   negative partial sums, once per neuron), applies the thresholds and pushes the result
@@ -29,8 +30,9 @@ Cycles per vector (exact, from the weight pattern; :func:`ternary_schedule`):
   takes to arrive. A dense engine of the same folding takes ``NF*SF``.
 
 Pipeline of a lane (two stages, like :class:`hw.mvtu.MVTU`):
-  A: slot ``sp`` (its schedule memory is read one cycle ahead) drives the bank read; it
-     issues when the lane's current input half is full and the lane has not finished it.
+  A: slot ``sp`` (its schedule memory is read one cycle ahead) gives the bank address
+     (the previous slot's plus the gap) and drives the bank read; it issues when the
+     lane's current input half is full and the lane has not finished it.
   B: ``value = scale*code + offset`` of the input code (binary bits ``2r-1``, ternary
      codes ``r-1``, integers as they are), negated or zeroed by the slot, accumulated.
   A lane freezes (its ``advance`` low, read enables included) only when a partial sum
@@ -70,18 +72,23 @@ class TernarySchedule:
 
     Lane ``j`` of PE ``p`` walks its own list: for each neuron ``f*PE + p`` (``f`` =
     0..NF-1) the non-zeros ``W[f*PE+p, s*SIMD + j]`` in increasing ``s`` (one empty slot
-    when there are none), the neuron's last slot flagged. ``nz``, ``neg``, ``addr``,
-    ``last`` are dicts ``(p, j) -> 1-D array`` over those slots; ``lane_steps[p, j]`` is
-    the list's length, the cycles lane ``(p, j)`` needs per vector."""
+    when there are none), the neuron's last slot flagged. A slot stores the address *gap*
+    ``s - s_previous`` (from 0 at the neuron's first slot) in ``gap_bits``; a gap too
+    large for them is bridged by escape slots (empty, gap ``2^gap_bits - 1``). ``nz``,
+    ``neg``, ``gap``, ``addr`` (the absolute address, for checks), ``last`` are dicts
+    ``(p, j) -> 1-D array`` over the slots; ``lane_steps[p, j]`` is the list's length,
+    the cycles lane ``(p, j)`` needs per vector."""
 
     m: int
     n: int
     pe: int
     simd: int
     nonzeros: int
+    gap_bits: int
     lane_steps: np.ndarray
     nz: dict
     neg: dict
+    gap: dict
     addr: dict
     last: dict
 
@@ -110,12 +117,13 @@ class TernarySchedule:
 
     @property
     def addr_bits(self):
+        """Bits of a bank address (``0 .. SF-1``)."""
         return max(1, (self.sf - 1).bit_length())
 
     @property
     def slot_bits(self):
-        """Bits of one schedule slot: the bank address, negative, non-zero and last bits."""
-        return self.addr_bits + 3
+        """Bits of one schedule slot: the address gap, negative, non-zero and last bits."""
+        return self.gap_bits + 3
 
     @property
     def schedule_bits(self):
@@ -123,18 +131,13 @@ class TernarySchedule:
         return int(self.lane_steps.sum()) * self.slot_bits
 
 
-def ternary_schedule(weights, pe, simd):
-    """Compress the ternary matrix ``weights`` [M, N] for a PE x SIMD engine; see the module docstring."""
-    w = np.asarray(weights)
-    if w.ndim != 2 or not np.isin(w, (-1, 0, 1)).all():
-        raise ValueError("weights must be a 2-D array of -1/0/+1")
+def _lane_lists(w, pe, simd):
+    """Per lane ``(p, j)``: neuron fold, address, non-zero flag and sign of each slot
+    (absolute addresses; one empty slot per neuron without a non-zero in the lane)."""
     m, n = w.shape
-    _check_fold("output channels", m, pe, "PE")
-    _check_fold("input features", n, simd, "SIMD")
     nf, sf = m // pe, n // simd
     lanes = w.reshape(nf, pe, sf, simd)                  # [f, p, s, j] = W[f*PE + p, s*SIMD + j]
-    nz, neg, addr, last = {}, {}, {}, {}
-    lane_steps = np.zeros((pe, simd), dtype=np.int64)
+    out = {}
     for p in range(pe):
         for j in range(simd):
             sub = lanes[:, p, :, j]                      # [f, s]
@@ -145,12 +148,57 @@ def ternary_schedule(weights, pe, simd):
             z = np.concatenate([np.ones(len(rows), bool), np.zeros(len(empty), bool)])
             order = np.lexsort((c, r))
             r, c, z = r[order], c[order], z[order]
-            nz[p, j] = z
-            neg[p, j] = z & (sub[r, c] < 0)
-            addr[p, j] = c
-            last[p, j] = np.append(r[1:] != r[:-1], True)
-            lane_steps[p, j] = len(r)
-    return TernarySchedule(m, n, pe, simd, int((w != 0).sum()), lane_steps, nz, neg, addr, last)
+            start = np.append(True, r[1:] != r[:-1])
+            gap = c - np.where(start, 0, np.append(0, c[:-1]))
+            out[p, j] = (r, c, z, z & (sub[r, c] < 0), gap)
+    return out
+
+
+def _escapes(gap, bits):
+    """Escape slots needed before each slot whose gap exceeds ``2^bits - 1``."""
+    g = (1 << bits) - 1
+    return np.maximum(0, -(-gap // g) - 1)
+
+
+def ternary_schedule(weights, pe, simd, gap_bits=None):
+    """Compress the ternary matrix ``weights`` [M, N] for a PE x SIMD engine; see the module
+    docstring. ``gap_bits`` (default: chosen) is the width of a slot's address gap: the
+    default is the narrowest whose escape slots add no cycle to the vector (they land in
+    lanes that are not the busiest), so the cycles are those of full-width addresses."""
+    w = np.asarray(weights)
+    if w.ndim != 2 or not np.isin(w, (-1, 0, 1)).all():
+        raise ValueError("weights must be a 2-D array of -1/0/+1")
+    m, n = w.shape
+    _check_fold("output channels", m, pe, "PE")
+    _check_fold("input features", n, simd, "SIMD")
+    nf, sf = m // pe, n // simd
+    lists = _lane_lists(w, pe, simd)
+    full = max(1, (sf - 1).bit_length())
+    base = np.array([[len(lists[p, j][0]) for j in range(simd)] for p in range(pe)], dtype=np.int64)
+
+    def steps(bits):
+        return base + np.array([[int(_escapes(lists[p, j][4], bits).sum()) for j in range(simd)]
+                                for p in range(pe)], dtype=np.int64)
+
+    if gap_bits is None:
+        budget = max(int(base.max()), sf)
+        gap_bits = next(b for b in range(1, full + 1) if max(int(steps(b).max()), sf) <= budget)
+    elif not isinstance(gap_bits, int) or not 1 <= gap_bits <= full:
+        raise ValueError(f"gap_bits must be an integer in 1..{full}, got {gap_bits!r}")
+    g = (1 << gap_bits) - 1
+    nz, neg, gap, addr, last = {}, {}, {}, {}, {}
+    for (p, j), (r, c, z, ng, gp) in lists.items():
+        esc = _escapes(gp, gap_bits)
+        idx = np.repeat(np.arange(len(r)), esc + 1)             # slot -> the list entry it belongs to
+        k = np.arange(len(idx)) - np.repeat(np.cumsum(esc + 1) - (esc + 1), esc + 1)
+        real = k == esc[idx]                                    # the entry's own slot (after its escapes)
+        nz[p, j] = z[idx] & real
+        neg[p, j] = ng[idx] & real
+        gap[p, j] = np.where(real, gp[idx] - esc[idx] * g, g)
+        addr[p, j] = np.where(real, c[idx], 0)
+        last[p, j] = np.append(r[idx][1:] != r[idx][:-1], True) & real
+    lane_steps = np.array([[len(nz[p, j]) for j in range(simd)] for p in range(pe)], dtype=np.int64)
+    return TernarySchedule(m, n, pe, simd, int((w != 0).sum()), gap_bits, lane_steps, nz, neg, gap, addr, last)
 
 
 class TernaryMVTU(wiring.Component):
@@ -167,11 +215,12 @@ class TernaryMVTU(wiring.Component):
     in_code : ``(scale, offset)``: an input code ``r`` stands for ``scale*r + offset``
         (binary ``(2, -1)``, ternary ``(1, -1)``, integers ``(1, 0)``)
     in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
+    gap_bits : width of a schedule slot's address gap (default: chosen by :func:`ternary_schedule`)
     """
 
     def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, pos_scale=None, neg_scale=None,
-                 in_shape=unsigned(1), in_code=(2, -1), in_range=None):
-        self.sched = ternary_schedule(weights, pe, simd)
+                 in_shape=unsigned(1), in_code=(2, -1), in_range=None, gap_bits=None):
+        self.sched = ternary_schedule(weights, pe, simd, gap_bits)
         self.weights = np.asarray(weights).astype(np.int64)
         self.m, self.n = self.weights.shape
         self.pe, self.simd = pe, simd
@@ -239,11 +288,11 @@ class TernaryMVTU(wiring.Component):
     # -- memory contents -------------------------------------------------------------------
 
     def schedule_words(self, p, j):
-        """Schedule memory of lane ``j`` of PE ``p``, one word per slot: the bank address
-        (bits ``0..A-1``), then the negative, non-zero and last bits."""
-        s, ab = self.sched, self.sched.addr_bits
-        return [int(a) | int(ng) << ab | int(z) << (ab + 1) | int(l) << (ab + 2)
-                for a, ng, z, l in zip(s.addr[p, j], s.neg[p, j], s.nz[p, j], s.last[p, j])]
+        """Schedule memory of lane ``j`` of PE ``p``, one word per slot: the address gap
+        (bits ``0..G-1``), then the negative, non-zero and last bits."""
+        s, gb = self.sched, self.sched.gap_bits
+        return [int(a) | int(ng) << gb | int(z) << (gb + 1) | int(l) << (gb + 2)
+                for a, ng, z, l in zip(s.gap[p, j], s.neg[p, j], s.nz[p, j], s.last[p, j])]
 
     def _param_fields(self):
         fields = []
@@ -278,7 +327,7 @@ class TernaryMVTU(wiring.Component):
         neuron's partial sum(s) and pushes them into ``fifo_w``. Returns its ``(release,
         done)`` signals (2 bits each: the input half it finished this cycle / before)."""
         sched, sf, nf = self.sched, self.sf, self.nf
-        ab = sched.addr_bits
+        gb = sched.gap_bits
         depth = int(sched.lane_steps[p, j])
         smem = memory.Memory(shape=unsigned(sched.slot_bits), depth=depth, init=self.schedule_words(p, j))
         m.submodules[f"sched_{p}_{j}"] = smem
@@ -289,22 +338,25 @@ class TernaryMVTU(wiring.Component):
         sp = Signal(range(depth), name=f"sp_{tag}")
         f_a = Signal(range(nf), name=f"f_{tag}")
         first_a = Signal(init=1, name=f"first_{tag}")
+        cur = Signal(range(sf), name=f"addr_{tag}")      # address of the neuron's previous slot
         done, release = Signal(2, name=f"done_{tag}"), Signal(2, name=f"release_{tag}")
 
         # ---- stage A: slot sp is on s_rd.data (read ahead); issue its bank read
         slot = s_rd.data
-        neg_a, nz_a, last_a = slot[ab], slot[ab + 1], slot[ab + 2]
+        neg_a, nz_a, last_a = slot[gb], slot[gb + 1], slot[gb + 2]
+        addr_a = Signal(range(sf), name=f"addr_a_{tag}")
+        m.d.comb += addr_a.eq(Mux(first_a, 0, cur) + slot[:gb])
         valid_a = primed & Mux(rsel, full[1] & ~done[1], full[0] & ~done[0])
         issue = Signal(name=f"issue_{tag}")
         m.d.comb += issue.eq(advance & valid_a)
         sp_next = Mux(issue, Mux(sp == depth - 1, 0, sp + 1), sp)
         m.d.comb += [s_rd.addr.eq(sp_next), s_rd.en.eq(advance),
-                     b_rd.addr.eq(Mux(rsel, sf, 0) + slot[:ab]), b_rd.en.eq(advance)]
+                     b_rd.addr.eq(Mux(rsel, sf, 0) + addr_a), b_rd.en.eq(advance)]
         m.d.sync += sp.eq(sp_next)
         with m.If(advance):
             m.d.sync += primed.eq(1)
         with m.If(issue):
-            m.d.sync += first_a.eq(last_a)
+            m.d.sync += [first_a.eq(last_a), cur.eq(addr_a)]
             with m.If(last_a):
                 m.d.sync += f_a.eq(Mux(f_a == nf - 1, 0, f_a + 1))
                 with m.If(f_a == nf - 1):                # the vector's last read of this half

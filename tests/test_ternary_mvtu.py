@@ -153,7 +153,7 @@ def test_schedule_stores_exactly_the_nonzeros():
     rng = np.random.default_rng(6)
     m, n, pe, simd = 12, 40, 3, 5
     w = random_ternary(rng, m, n, 0.35, zero_rows=2)
-    s = ternary_schedule(w, pe, simd)
+    s = ternary_schedule(w, pe, simd, gap_bits=3)                    # SF = 8: full-width gaps
     back = np.zeros_like(w)
     for (p, j), nz in s.nz.items():
         f = np.concatenate([[0], np.cumsum(s.last[p, j])[:-1]])       # neuron fold of each slot
@@ -163,7 +163,47 @@ def test_schedule_stores_exactly_the_nonzeros():
     assert np.array_equal(back, w)
     assert sum(int(v.sum()) for v in s.nz.values()) == s.nonzeros == int((w != 0).sum())
     counts = (w.reshape(m // pe, pe, n // simd, simd) != 0).sum(axis=2)     # [f, p, j]
-    assert np.array_equal(s.lane_steps, np.maximum(1, counts).sum(axis=0))
+    assert np.array_equal(s.lane_steps, np.maximum(1, counts).sum(axis=0))   # no escapes
+    # the stored gaps rebuild the addresses: a running sum restarted at every neuron
+    for key in s.nz:
+        start = np.append(True, s.last[key][:-1])
+        run, prev = [], 0
+        for st, g in zip(start, s.gap[key]):
+            prev = (0 if st else prev) + int(g)
+            run.append(prev)
+        assert np.array_equal(np.array(run)[s.nz[key]], s.addr[key][s.nz[key]])
+        assert (s.gap[key] < (1 << s.gap_bits)).all()
+
+
+@pytest.mark.parametrize("gap_bits", [1, 2])
+def test_narrow_gaps_use_escape_slots(gap_bits):
+    """Forced narrow address gaps: long gaps become escape slots, which cost cycles but not
+    correctness (the engine is checked against numpy under stalls)."""
+    rng = np.random.default_rng(9 + gap_bits)
+    m, n, pe, simd = 6, 60, 2, 3
+    w = random_ternary(rng, m, n, 0.15)
+    s = ternary_schedule(w, pe, simd, gap_bits=gap_bits)
+    free = ternary_schedule(w, pe, simd, gap_bits=5)
+    assert s.lane_steps.sum() > free.lane_steps.sum()
+    assert sum(int(v.sum()) for v in s.nz.values()) == s.nonzeros
+    x = _values(rng, "ternary", (3, n))
+    dut = TernaryMVTU(w, pe=pe, simd=simd, in_shape=unsigned(2), in_code=(1, -1), in_range=(-1, 1),
+                      gap_bits=gap_bits)
+    assert np.array_equal(dut.sched.lane_steps, s.lane_steps)
+    raw = x + 1
+    beats = [pack(v[k * simd:(k + 1) * simd], 2) for v in raw for k in range(n // simd)]
+    out, _ = run_stream(dut, beats, len(x) * (m // pe), in_stall=0.3, out_stall=0.3, seed=gap_bits)
+    e = dut.out_elem
+    got = np.array([v for b in out for v in unpack(b, e.width, pe, e.signed)]).reshape(len(x), m)
+    assert np.array_equal(got, x @ w.T)
+
+
+def test_default_gap_width_saves_memory_without_costing_cycles():
+    w = random_ternary(np.random.default_rng(3), 64, 576, 0.4)
+    s = ternary_schedule(w, 8, 8)
+    full = ternary_schedule(w, 8, 8, gap_bits=s.addr_bits)
+    assert s.gap_bits < s.addr_bits and s.schedule_bits <= 0.8 * full.schedule_bits
+    assert s.cycles_per_vector == full.cycles_per_vector
 
 
 @pytest.mark.parametrize("m, n, pe, simd", [
@@ -186,6 +226,7 @@ def test_zero_skip_cycles_within_density_plus_ten_percent_of_dense(m, n, pe, sim
     (dict(pos_scale=np.ones(4), neg_scale=np.zeros(4)), "neg_scale must be 4 positive integers"),
     (dict(in_code=(0, 1)), "in_code must be a pair"),
     (dict(in_range=(3, 1)), "in_range must be \\(lo, hi\\) with lo <= hi"),
+    (dict(gap_bits=9), "gap_bits must be an integer in 1..1, got 9"),
 ])
 def test_bad_parameters_are_rejected(bad, message):
     args = dict(weights=np.eye(4, dtype=int), pe=2, simd=2)
