@@ -119,3 +119,27 @@ def test_ternary_network_rtl_bit_exact_and_cycles_match(tmp_path):
     assert conv0["cycles_per_frame_analytic"] == rep["cycles_per_frame_analytic"] < 0.5 * dense
     measured, analytic = rep["cycles_per_frame_measured"], rep["cycles_per_frame_analytic"]
     assert abs(measured - analytic) <= 0.05 * analytic, (measured, analytic)
+
+
+def test_sparsity_sweep_rows(tmp_path):
+    """models.sweep: one folding, models of different density -> accuracy and cycles per model."""
+    from models.reference import accuracy
+    from models.sweep import sweep_entry, sweep_markdown
+    rng = np.random.default_rng(8)
+    folding = {"fc0": {"pe": 4, "simd": 4}, "fc1": {"pe": 2, "simd": 4}, "fc2": {"pe": 1, "simd": 4}}
+    images = rng.integers(0, 256, (40, 96)).astype(np.uint8)
+    labels = rng.integers(0, 4, 40)
+    rows = []
+    for k, density in enumerate((0.6, 0.35, 0.15)):
+        qmd = random_ternary_mlp(tmp_path / f"m{k}", [96, 32, 16, 4], density=density, zero_rows=0,
+                                 seed=20 + k, name=f"m{k}")
+        row = sweep_entry(qmd, folding, images, labels)
+        stages = plan_network(qmd, folding)
+        assert row["cycles_per_frame"] == frame_cycles(stages)
+        assert row["ternary_cycles_sum"] == sum(s.cycles_per_frame for s in stages if s.engine == "ternary_mvtu")
+        assert row["integer_accuracy"] == accuracy(qmd, images, labels)
+        assert row["weight_density"] == pytest.approx(density, abs=0.08)
+        rows.append(row)
+    assert rows[0]["ternary_cycles_sum"] > rows[1]["ternary_cycles_sum"] > rows[2]["ternary_cycles_sum"]
+    assert rows[0]["ternary_cycles_sum_dense"] == rows[2]["ternary_cycles_sum_dense"]
+    assert sweep_markdown(rows).count("\n| m") == 3
