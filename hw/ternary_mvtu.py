@@ -259,7 +259,9 @@ class TernaryMVTU(wiring.Component):
         dhi = int(np.maximum(wq * lo, wq * hi).sum(axis=1).max())
         self.dot_range = (dlo, dhi)
         if thresholds is not None:
-            thr = np.asarray(thresholds, dtype=np.int64).reshape(self.m, -1)
+            thr = np.asarray(thresholds, dtype=np.int64)
+            if thr.ndim != 2 or thr.shape[0] != self.m or thr.shape[1] < 1:
+                raise ValueError(f"thresholds must have shape [{self.m}, T], got {list(thr.shape)}")
             if direction is None or len(direction) != self.m or not np.isin(direction, (-1, 1)).all():
                 raise ValueError(f"thresholds need {self.m} comparison directions of +1/-1")
             ge, invert = to_ge_thresholds(thr, direction)

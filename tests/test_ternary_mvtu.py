@@ -222,6 +222,7 @@ def test_zero_skip_cycles_within_density_plus_ten_percent_of_dense(m, n, pe, sim
     (dict(pe=3), "output channels: 4 is not divisible by PE=3"),
     (dict(simd=0), "SIMD must be a positive integer, got 0"),
     (dict(thresholds=np.zeros((4, 1))), "thresholds need 4 comparison directions"),
+    (dict(thresholds=np.zeros((3, 1)), direction=np.ones(4)), "thresholds must have shape \\[4, T\\], got \\[3, 1\\]"),
     (dict(pos_scale=np.ones(4)), "pos_scale and neg_scale must be given together"),
     (dict(pos_scale=np.ones(4), neg_scale=np.zeros(4)), "neg_scale must be 4 positive integers"),
     (dict(in_code=(0, 1)), "in_code must be a pair"),
