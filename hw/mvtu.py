@@ -63,9 +63,12 @@ class MVTU(wiring.Component):
         (in the spec's domain, the dot product)
     in_shape : None for binary inputs (bits), else the Amaranth shape of an input element
     in_range : ``(lo, hi)`` of the input values (integer inputs only; default: the shape's range)
+    in_offset : integer inputs only: an input code ``r`` stands for ``r + in_offset`` (ternary
+        activations arrive as ``value + 1``, so -1)
     """
 
-    def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None):
+    def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None,
+                 in_offset=0):
         w = np.asarray(weights)
         if w.ndim != 2 or not np.isin(w, (-1, 1)).all():
             raise ValueError("weights must be a 2-D array of -1/+1")
@@ -83,7 +86,14 @@ class MVTU(wiring.Component):
         else:
             self.datapath = "addsub"
             self.in_shape = in_shape
-            lo, hi = in_range if in_range is not None else _shape_range(in_shape)
+            if not isinstance(in_offset, int) or isinstance(in_offset, bool):
+                raise ValueError(f"in_offset must be an integer, got {in_offset!r}")
+            self.in_offset = in_offset
+            if in_range is None:
+                lo, hi = _shape_range(in_shape)
+                lo, hi = lo + in_offset, hi + in_offset
+            else:
+                lo, hi = in_range
             bound = self.n * max(abs(lo), abs(hi))
             self.acc_shape = signed(bits_for(bound) + 1)
             acc_lo, acc_hi, scale, offset = -bound, bound, 1, 0
@@ -213,6 +223,8 @@ class MVTU(wiring.Component):
                 elems = [in_rd.data[k * iw:(k + 1) * iw] for k in range(simd)]
                 if self.in_shape.signed:
                     elems = [e.as_signed() for e in elems]
+                if self.in_offset:
+                    elems = [e + self.in_offset for e in elems]
                 partial = sum_tree([Mux(wbits[k], elems[k], -elems[k]) for k in range(simd)])
             m.d.comb += total[p].eq(partial + Mux(first_b, 0, acc[p]))
             with m.If(advance & valid_b):

@@ -7,7 +7,12 @@
   or ``width_converter``), ``engine``, ``pe``, ``simd``, ``cycles_per_frame`` (analytic),
   ``fused`` (the QMD layers the stage implements), ``in_lanes``/``out_lanes``, and an
   ``estimated`` resource dict for an ECP5 (``weight_bits``, ``buffer_bits``, ``luts``,
-  ``ffs``, ``bram_blocks``, ``bram_bits``, ``spram_blocks``, ``calibrated``)
+  ``ffs``, ``bram_blocks``, ``bram_bits``, ``spram_blocks``, ``calibrated``).
+  Zero-skip ternary engines (``engine`` = ``ternary_mvtu``) add ``weight_density`` (the
+  fraction of non-zero weights), ``cycles_per_frame_dense`` (what a dense engine of the
+  same PE/SIMD needs) and ``zero_skip_ratio`` (``cycles_per_frame / cycles_per_frame_dense``);
+  their ``cycles_per_frame`` is exact, computed from the weight pattern, and their
+  ``weight_bits`` are the compressed schedule's (``weight_bits_dense``: 2 bits a weight)
 * ``cycles_per_frame``: analytic frame interval = the slowest stage's cycles
 * ``bottleneck``: that stage's name
 * ``estimated``: the totals of the per-stage estimates
@@ -30,16 +35,21 @@ def estimate_stage(s, family="ecp5"):
 def design_report(qmd, folding, stages, verilog_path, top):
     layers = []
     for s in stages:
-        layers.append({
+        entry = {
             "name": s.name, "kind": s.kind, "engine": s.engine, "pe": s.pe, "simd": s.simd,
             "cycles_per_frame": s.cycles_per_frame, "fused": [l.name for l in s.layers],
             "in_lanes": s.in_lanes, "out_lanes": s.out_lanes, "estimated": estimate_stage(s),
-        })
+        }
+        if s.engine == "ternary_mvtu":
+            dense = s.params["cycles_per_frame_dense"]
+            entry.update(weight_density=round(s.params["weight_density"], 6), cycles_per_frame_dense=dense,
+                         zero_skip_ratio=round(s.cycles_per_frame / dense, 6))
+        layers.append(entry)
     cpf = frame_cycles(stages)
     totals = {}
     for l in layers:
         for k, v in l["estimated"].items():
-            if not isinstance(v, bool):
+            if not isinstance(v, bool) and k != "weight_bits_dense":
                 totals[k] = totals.get(k, 0) + v
     return {
         "model": qmd.name, "qmd_version": 1, "top": top, "verilog": str(verilog_path),
@@ -56,6 +66,18 @@ def _table(headers, rows):
     return "\n".join(out)
 
 
+def _zero_skip_section(rep):
+    rows = [(l["name"], f"{100 * l['weight_density']:.1f}%", l["cycles_per_frame_dense"], l["cycles_per_frame"],
+             f"{l['zero_skip_ratio']:.3f}", f"{l['weight_density'] + 0.10:.3f}",
+             f"{l['estimated']['weight_bits']:,}", f"{l['estimated']['weight_bits_dense']:,}")
+            for l in rep["layers"] if l["engine"] == "ternary_mvtu"]
+    if not rows:
+        return []
+    return ["Zero-skip ternary engines (cycles exact, from the weight pattern):", "",
+            _table(["stage", "weight density", "cycles/frame dense", "cycles/frame", "ratio", "density + 0.10",
+                    "schedule bits", "dense 2-bit bits"], rows), ""]
+
+
 def design_markdown(rep):
     rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l["cycles_per_frame"],
              l["estimated"]["weight_bits"], l["estimated"]["luts"], l["estimated"]["ffs"]) for l in rep["layers"]]
@@ -67,6 +89,7 @@ def design_markdown(rep):
         _table(["stage", "kind", "engine", "PE", "SIMD", "cycles/frame", "weight bits", "LUTs (est.)", "FFs (est.)"],
                rows),
         "",
+        *_zero_skip_section(rep),
         f"Frame interval (analytic): **{rep['cycles_per_frame']} cycles**, set by `{rep['bottleneck']}`; "
         f"at 100 MHz that is {100e6 / rep['cycles_per_frame']:,.0f} frames/s.",
         "",

@@ -16,6 +16,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from hw.arith import bits_for
 
 CALIBRATION = Path(__file__).with_name("calibration.json")
@@ -29,6 +31,34 @@ BRAM_CONFIGS = {
     "ice40": (4096, [(2, 2048), (4, 1024), (8, 512), (16, 256)]),
 }
 SPRAM_CONFIG = (262144, [(16, 16384)])
+
+
+def _ternary_model(s):
+    """Zero-skip engine: compressed schedule memory, per-PE input bank copies, partial-sum and
+    output FIFOs; per lane an accumulator (+ select/negate), per PE an adder tree and comparators."""
+    from hw.network import code_shape
+    layer = s.layers[0]
+    m, n = layer.weights.shape
+    nf, sf = m // s.pe, n // s.simd
+    act = layer.in_act
+    in_bits = code_shape(act).width
+    xmax = max(abs(act.lo), abs(act.hi))
+    ttq = "pos_scale" in layer.arrays
+    parts = 2 if ttq else 1
+    part = bits_for(sf * xmax) + 1
+    wq = layer.int_weights
+    dot = bits_for(int(np.abs(wq).sum(axis=1).max()) * xmax) + 1
+    n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
+    scale_bits = bits_for(int(max(layer.arrays["pos_scale"].max(), layer.arrays["neg_scale"].max()))) if ttq else 0
+    param_bits = m * (n_thr * (dot + 1) + (1 if n_thr else 0) + 2 * scale_bits)
+    lanes = s.pe * s.simd
+    fifo_bits = (2 * nf + 2) * (lanes * parts * part + s.pe * s.out_shape.width)
+    ptr = bits_for(max(1, s.params["busiest_lane_slots"]))
+    luts = lanes * (parts * part + in_bits + 2 * ptr + 4) + s.pe * (s.simd * parts * (part + 2) + n_thr * dot
+                                                                    + 2 * scale_bits * part)
+    ffs = lanes * (parts * part + ptr + bits_for(nf) + 8) + s.pe * (2 * bits_for(2 * nf + 2) + bits_for(nf)) + 16
+    return {"weight_bits": s.params["schedule_bits"], "weight_bits_dense": 2 * m * n,
+            "buffer_bits": s.pe * 2 * n * in_bits + param_bits + fifo_bits, "luts": luts, "ffs": ffs}
 
 
 def _mvtu_params(s):
@@ -127,6 +157,11 @@ def estimate_stage(s, family="ecp5", calibration=None):
     ``buffer_bits``, ``bram_blocks``, ``bram_bits`` (capacity of those blocks), ``spram_blocks``
     and ``calibrated`` (whether fitted factors were applied)."""
     cal = (_calibration() if calibration is None else calibration).get(family, {}).get(s.engine)
+    if s.engine == "ternary_mvtu":
+        # not calibrated yet: the compressed schedule and buffers as one memory figure
+        t = _ternary_model(s)
+        n, bits = bram_blocks(1, t["weight_bits"], family)
+        return {**t, "bram_blocks": n, "spram_blocks": 0, "bram_bits": n * bits, "calibrated": False}
     luts, ffs = logic_features(s)
     if cal:
         luts = cal["luts"][0] * luts + cal["luts"][1]

@@ -103,3 +103,22 @@ def test_folding_that_does_not_divide_is_rejected(bad, message):
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         MVTU(np.ones((8, 8), dtype=int), **args)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_addsub_datapath_on_ternary_codes(seed):
+    """Binary weights after ternary activations: the stream carries codes value + 1, the
+    add/subtract datapath decodes them with in_offset = -1."""
+    rng = np.random.default_rng(70 + seed)
+    m, n = int(rng.integers(2, 9)), int(rng.choice([6, 8, 12]))
+    pe, simd = _divisor(rng, m), _divisor(rng, n)
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.integers(-1, 2, (4, n))
+    thr = rng.integers(-n // 2, n // 2 + 1, (m, 1))
+    direction = rng.choice([-1, 1], m)
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=unsigned(2), in_range=(-1, 1),
+               in_offset=-1)
+    beats = [pack(v[s * simd:(s + 1) * simd] + 1, 2) for v in x for s in range(n // simd)]
+    out, _ = run_stream(dut, beats, len(x) * (m // pe), in_stall=0.3, out_stall=0.3, seed=seed)
+    got = np.array([e for b in out for e in unpack(b, dut.out_elem.width, pe)]).reshape(len(x), m)
+    assert np.array_equal(got, _reference(x, w, thr, direction))
