@@ -25,8 +25,11 @@ ARRAYS = "qmd.npz"
 
 INPUT_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
 LAYER_KINDS = ("threshold", "dense", "conv2d", "maxpool", "argmax")
-WEIGHT_KINDS = ("binary", "ternary")
+WEIGHT_KINDS = ("binary", "ternary", "pow2")
 SCALE_MAX = 32767           # largest TTQ pos_scale / neg_scale
+POW2_TERMS = (1, 4)         # pow2 weights: terms (codebooks) N per weight
+POW2_CODE_BITS = (2, 8)     # pow2 weights: bits B of one term's code
+POW2_EXPONENT_MAX = 24      # largest pow2 exponent_offset E (weights up to ~2^25)
 
 
 # --------------------------------------------------------------------------- activations
@@ -104,17 +107,20 @@ class Layer:
     out_shape: tuple = ()
     in_act: Act = None
     out_act: Act = None
+    codes: np.ndarray = None      # pow2 weights: the term codes, uint8 [outputs, terms, fan-in]
 
     @property
     def weights(self):
-        """Weights as an int8 matrix ``[outputs, fan-in]`` of -1/+1 (binary) or -1/0/+1
-        (ternary); for conv2d the fan-in is flattened in (ky, kx, c) order."""
+        """Weights as a matrix ``[outputs, fan-in]``: int8 -1/+1 (binary) or -1/0/+1
+        (ternary), int64 integer weights ``Wq`` (pow2, the sum of each weight's signed
+        powers of two); for conv2d the fan-in is flattened in (ky, kx, c) order."""
         return self.arrays["weights"]
 
     @property
     def int_weights(self):
         """The integer weights the dot product uses, int64 ``[outputs, fan-in]``: the
-        signs, times ``pos_scale[o]`` where +1 and ``neg_scale[o]`` where -1 (TTQ)."""
+        signs, times ``pos_scale[o]`` where +1 and ``neg_scale[o]`` where -1 (TTQ); for
+        pow2 weights ``Wq`` (docs/qmd-spec.md, *Power-of-two weights*)."""
         w = self.arrays["weights"].astype(np.int64)
         if "pos_scale" not in self.arrays:
             return w
@@ -330,14 +336,21 @@ def _positive(lj, key, where, layer, minimum=1):
 
 
 def _weights(layer, lj, arrays, where, rows, fan_in):
-    """The packed ``weights`` array (binary or ternary) -> int8 matrix ``[rows, fan_in]``;
-    for ternary weights also the optional TTQ ``pos_scale``/``neg_scale`` (int64 ``[rows]``).
-    Returns ``(kind, {array name: array})``."""
+    """The ``weights`` array (packed binary or ternary bits, or pow2 codes) -> the weight
+    matrix ``[rows, fan_in]``; for ternary weights also the optional TTQ
+    ``pos_scale``/``neg_scale`` (int64 ``[rows]``). Returns ``(kind, {array name: array},
+    extra manifest attributes)``; pow2 layers also get ``layer.codes``."""
     n = layer.name
     wkind = _field(lj, "weight", str, where, n)
     if wkind not in WEIGHT_KINDS:
         raise QnnfabError(f"unsupported weight kind {wkind!r} (supported: {', '.join(WEIGHT_KINDS)})",
                           where=where(n, "weight"))
+    present = {f for f in ("pos_scale", "neg_scale") if f"{n}.{f}" in arrays}
+    if wkind == "pow2":
+        if present:
+            raise QnnfabError("pos_scale/neg_scale are only defined for ternary weights",
+                              where=where(n, sorted(present)[0]))
+        return _pow2_weights(layer, lj, arrays, where, rows, fan_in)
     nbytes = (fan_in + 7) // 8
     shape = (rows, nbytes) if wkind == "binary" else (rows, 2, nbytes)
     packed = _array(arrays, n, "weights", where, shape, dtype_kind="u")
@@ -348,12 +361,11 @@ def _weights(layer, lj, arrays, where, rows, fan_in):
     if bits[..., fan_in:].any():
         raise QnnfabError("padding bits beyond the fan-in must be zero", where=where(n, "weights"))
     bits = bits[..., :fan_in].astype(np.int8)
-    present = {f for f in ("pos_scale", "neg_scale") if f"{n}.{f}" in arrays}
     if wkind == "binary":
         if present:
             raise QnnfabError("pos_scale/neg_scale are only defined for ternary weights",
                               where=where(n, sorted(present)[0]))
-        return wkind, {"weights": bits * 2 - 1}
+        return wkind, {"weights": bits * 2 - 1}, {}
     both = bits[:, 0] & bits[:, 1]
     if both.any():
         r, k = (int(v) for v in np.argwhere(both)[0])
@@ -372,7 +384,69 @@ def _weights(layer, lj, arrays, where, rows, fan_in):
                 raise QnnfabError(f"scales must be integers in 1..{SCALE_MAX}, row {r} has {int(a[r])}",
                                   where=where(n, f))
             out[f] = a
-    return wkind, out
+    return wkind, out, {}
+
+
+def _int_in(lj, key, where, layer, lo, hi):
+    v = _field(lj, key, int, where, layer)
+    if not lo <= v <= hi:
+        raise QnnfabError(f"must be an integer in {lo}..{hi}, got {v}", where=where(layer, key))
+    return v
+
+
+def pow2_shifts(terms, code_bits, exponent_offset):
+    """``shift[t, j]`` (int64 ``[terms, 2^(B-1)]``): the left shift of an input selected by
+    index ``j`` of term ``t``, ``E - t - (j - 1)``, for ``j >= 1`` (column 0, the zero
+    index, is unused and set to -1)."""
+    idx = np.arange(1 << (code_bits - 1))
+    sh = exponent_offset - np.arange(terms)[:, None] - (idx[None, :] - 1)
+    sh[:, 0] = -1
+    return sh
+
+
+def pow2_decode(codes, code_bits, exponent_offset):
+    """The integer weights ``Wq`` (int64 ``[rows, fan_in]``) of pow2 term codes
+    ``[rows, terms, fan_in]``: ``sum over t of (-1)^sign * 2^(E - t - (j - 1))`` over the
+    terms whose index ``j`` (the code's low ``B-1`` bits) is not 0 (docs/qmd-spec.md)."""
+    codes = np.asarray(codes, dtype=np.int64)
+    half = 1 << (code_bits - 1)
+    j, sign = codes & (half - 1), codes >> (code_bits - 1)
+    shift = exponent_offset - np.arange(codes.shape[1])[None, :, None] - (j - 1)
+    mag = np.where(j > 0, np.left_shift(1, np.maximum(shift, 0)), 0)
+    return np.where(sign > 0, -mag, mag).sum(axis=1)
+
+
+def pow2_codebook_max(terms, code_bits, exponent_offset):
+    """The largest ``|Wq|`` any pow2 weight of these parameters can have (every term at
+    index 1): ``sum over t of 2^(E - t)`` (terms whose shift would be negative excluded)."""
+    return sum(1 << (exponent_offset - t) for t in range(terms) if exponent_offset - t >= 0)
+
+
+def _pow2_weights(layer, lj, arrays, where, rows, fan_in):
+    n = layer.name
+    terms = _int_in(lj, "terms", where, n, *POW2_TERMS)
+    bits = _int_in(lj, "code_bits", where, n, *POW2_CODE_BITS)
+    e = _int_in(lj, "exponent_offset", where, n, 0, POW2_EXPONENT_MAX)
+    codes = _array(arrays, n, "weights", where, (rows, terms, fan_in), dtype_kind="u")
+    if codes.dtype != np.uint8:
+        raise QnnfabError(f"pow2 weights must be term codes of dtype uint8, got {codes.dtype}",
+                          where=where(n, "weights"))
+    c = codes.astype(np.int64)
+    half = 1 << (bits - 1)
+    j, sign = c & (half - 1), c >> (bits - 1)
+    shift = e - np.arange(terms)[None, :, None] - (j - 1)
+    for bad, what in ((c >= 2 * half, lambda v, t, jj: f"does not fit code_bits={bits}"),
+                      ((j == 0) & (sign != 0), lambda v, t, jj: "is a negative zero (index 0 with the sign bit set)"),
+                      ((j > 0) & (shift < 0), lambda v, t, jj: f"stands for 2^-{t + jj - 1}, finer than "
+                                                               f"exponent_offset={e} resolves (the weight would "
+                                                               f"not be an integer)")):
+        if bad.any():
+            r, t, k = (int(v) for v in np.argwhere(bad)[0])
+            raise QnnfabError(f"row {r}, term {t}, fan-in index {k}: code {int(c[r, t, k])} "
+                              + what(int(c[r, t, k]), t, int(j[r, t, k])), where=where(n, "weights"))
+    layer.codes = codes.copy()
+    return "pow2", {"weights": pow2_decode(codes, bits, e)}, {"terms": terms, "code_bits": bits,
+                                                              "exponent_offset": e}
 
 
 def dot_range(w, lo, hi):
@@ -397,8 +471,8 @@ def _parse_dense(layer, lj, arrays, where):
     if flat != in_f:
         raise QnnfabError(f"is {in_f} but the incoming tensor {list(layer.in_shape)} has {flat} elements",
                           where=where(n, "in_features"))
-    wkind, layer.arrays = _weights(layer, lj, arrays, where, out_f, in_f)
-    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": wkind}
+    wkind, layer.arrays, extra = _weights(layer, lj, arrays, where, out_f, in_f)
+    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": wkind, **extra}
     layer.out_shape = (out_f,)
     layer.out_act = _dot_act(layer.int_weights, layer.in_act)
 
@@ -432,8 +506,8 @@ def _parse_conv2d(layer, lj, arrays, where):
         if pv not in allowed:
             raise QnnfabError(f"{pv} is not a value of the {layer.in_act.kind} input", where=where(n, "pad_value"))
         attrs["pad_value"] = pv
-    wkind, layer.arrays = _weights(layer, lj, arrays, where, cout, k * k * cin)
-    layer.attrs = attrs | {"weight": wkind}
+    wkind, layer.arrays, extra = _weights(layer, lj, arrays, where, cout, k * k * cin)
+    layer.attrs = attrs | {"weight": wkind, **extra}
     layer.out_shape = (oh, ow, cout)
     layer.out_act = _dot_act(layer.int_weights, layer.in_act)
 
@@ -482,10 +556,20 @@ def pack_ternary(w):
     return np.packbits(planes, axis=2, bitorder="little")
 
 
+def pow2_code(negative, index, code_bits):
+    """Term codes ``negative << (B-1) | index`` from sign flags (true = negative) and
+    indices (0 = zero term, 1 .. 2^(B-1) - 1); a zero term's sign bit is 0."""
+    index = np.asarray(index, dtype=np.int64)
+    neg = np.asarray(negative).astype(bool)
+    if (index < 0).any() or (index >= 1 << (code_bits - 1)).any():
+        raise ValueError(f"pow2 indices must be in 0..{(1 << (code_bits - 1)) - 1}")
+    return (((neg & (index > 0)).astype(np.int64) << (code_bits - 1)) | index).astype(np.uint8)
+
+
 def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None, description="", dataset=None):
     """Write a QMD. ``layers`` is a list of dicts: manifest fields plus an ``arrays``
     dict of integer numpy arrays (binary weights as -1/+1, ternary as -1/0/+1, packed
-    here). The result is
+    here; pow2 weights as their term codes ``[out, terms, fan-in]``). The result is
     read back and validated, so an exporter can never write a description it cannot load."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -501,6 +585,11 @@ def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None,
                 a = pack_binary(a)
             elif k == "weights" and spec.get("weight") == "ternary":
                 a = pack_ternary(a)
+            elif k == "weights" and spec.get("weight") == "pow2":
+                a = np.asarray(a)
+                if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() > 255)):
+                    raise ValueError("pow2 weights must be integer term codes in 0..255")
+                a = a.astype(np.uint8)
             elif k == "direction":
                 a = np.asarray(a, dtype=np.int8)
             else:

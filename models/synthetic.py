@@ -191,3 +191,85 @@ def random_ternary_cnn(directory, *, input_shape=(8, 8, 3), convs=((4, 3, 1, 1, 
     layers.append(spec)
     layers.append({"name": "class", "kind": "argmax"})
     return save_qmd(directory, name, list(input_shape), "uint8", layers, provenance={"synthetic": True, "seed": seed})
+
+
+# --------------------------------------------------------------------------- power-of-two (ShiftCNN) networks
+
+def random_pow2_codes(rng, rows, fan_in, terms=2, code_bits=4, exponent_offset=None, zero=0.2, zero_rows=0):
+    """Random pow2 term codes ``[rows, terms, fan_in]`` (uint8) valid for ``exponent_offset``
+    (default: the largest shift the codebooks have, ``terms - 1 + 2^(B-1) - 2``): indices
+    uniform over the usable ones, each term zero with probability ``zero``, random signs;
+    ``zero_rows`` rows all zero."""
+    from models.qmd import pow2_code
+    half = 1 << (code_bits - 1)
+    e = terms + half - 3 if exponent_offset is None else exponent_offset
+    codes = np.zeros((rows, terms, fan_in), dtype=np.uint8)
+    for t in range(terms):
+        top = min(half - 1, e - t + 1)            # index j needs t + j - 1 <= E
+        if top < 1:
+            continue
+        idx = rng.integers(1, top + 1, (rows, fan_in)) * (rng.random((rows, fan_in)) >= zero)
+        codes[:, t] = pow2_code(rng.random((rows, fan_in)) < 0.5, idx, code_bits)
+    if zero_rows:
+        codes[rng.choice(rows, min(zero_rows, rows), replace=False)] = 0
+    return codes
+
+
+def _pow2_spec(name, kind, rng, rows, fan_in, pow2, **fields):
+    terms, bits, e = pow2
+    codes = random_pow2_codes(rng, rows, fan_in, terms, bits, e, zero_rows=1 if rows > 2 else 0)
+    from models.qmd import pow2_decode
+    spec = {"name": name, "kind": kind, **fields, "weight": "pow2", "terms": terms, "code_bits": bits,
+            "exponent_offset": e, "arrays": {"weights": codes}}
+    return spec, pow2_decode(codes, bits, e)
+
+
+def random_pow2_mlp(directory, sizes, *, pow2=(2, 4, 7), act="uint4", input_shape=None, seed=0, name="random_pow2"):
+    """Write a QMD ``dense(uint8 x pow2) -> threshold (n-bit) -> dense(pow2) ... -> dense -> argmax``.
+
+    ``pow2`` = ``(terms N, code_bits B, exponent_offset E)``; ``act`` the hidden activation
+    (``uint<b>`` or ``ternary``)."""
+    from models.qmd import Act
+    rng = np.random.default_rng(seed)
+    input_shape = list(input_shape or [sizes[0]])
+    out_act = Act.ternary() if act == "ternary" else Act.uint(int(act[4:]))
+    layers, lo, hi = [], 0, 255
+    for k, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
+        spec, wq = _pow2_spec(f"fc{k}", "dense", rng, m, n, pow2, in_features=n, out_features=m)
+        layers.append(spec)
+        if k < len(sizes) - 2:
+            layers.append({"name": f"fc{k}_act", "kind": "threshold", "out": _act_json(act),
+                           "arrays": random_multi_thresholds(rng, wq, lo, hi, out_act.n_thresholds)})
+            lo, hi = out_act.lo, out_act.hi
+    layers.append({"name": "class", "kind": "argmax"})
+    return save_qmd(directory, name, input_shape, "uint8", layers, provenance={"synthetic": True, "seed": seed})
+
+
+def random_pow2_cnn(directory, *, input_shape=(8, 8, 3), convs=((4, 3, 1, 1, True), (6, 3, 1, 0, False)),
+                    classes=5, pow2=(2, 4, 7), act="uint4", seed=0, name="random_pow2_cnn"):
+    """Write a QMD ``conv2d(uint8 x pow2) -> threshold (n-bit) [-> maxpool] -> conv2d(pow2) ... ->
+    dense(pow2) -> argmax``; ``convs`` as for :func:`random_binary_cnn`, ``pow2`` as for
+    :func:`random_pow2_mlp`."""
+    from models.qmd import Act
+    rng = np.random.default_rng(seed)
+    out_act = Act.ternary() if act == "ternary" else Act.uint(int(act[4:]))
+    h, w, c = input_shape
+    layers, lo, hi = [], 0, 255
+    for k, (cout, ks, stride, pad, pool) in enumerate(convs):
+        spec, wq = _pow2_spec(f"conv{k}", "conv2d", rng, cout, ks * ks * c, pow2, in_channels=c,
+                              out_channels=cout, kernel=ks, stride=stride, padding=pad)
+        if pad:
+            spec["pad_value"] = int(rng.integers(lo, hi + 1))
+        layers.append(spec)
+        layers.append({"name": f"conv{k}_act", "kind": "threshold", "out": _act_json(act),
+                       "arrays": random_multi_thresholds(rng, wq, lo, hi, out_act.n_thresholds)})
+        h, w, c = (h + 2 * pad - ks) // stride + 1, (w + 2 * pad - ks) // stride + 1, cout
+        if pool:
+            layers.append({"name": f"pool{k}", "kind": "maxpool", "kernel": 2, "stride": 2})
+            h, w = h // 2, w // 2
+        lo, hi = out_act.lo, out_act.hi
+    n = h * w * c
+    spec, _ = _pow2_spec("fc", "dense", rng, classes, n, pow2, in_features=n, out_features=classes)
+    layers.append(spec)
+    layers.append({"name": "class", "kind": "argmax"})
+    return save_qmd(directory, name, list(input_shape), "uint8", layers, provenance={"synthetic": True, "seed": seed})

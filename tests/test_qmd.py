@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from models.qmd import load_qmd, pack_binary, pack_ternary
-from models.synthetic import random_binary_mlp, random_ternary_mlp
+from models.qmd import load_qmd, pack_binary, pack_ternary, pow2_code, pow2_decode
+from models.synthetic import random_binary_mlp, random_pow2_mlp, random_ternary_mlp
 from qnnfab.errors import QnnfabError
 
 
@@ -56,8 +56,8 @@ CASES = [
      "layer 'fc0' field 'in_features': is 15 but the incoming tensor [16, 1] has 16 elements"),
     ("manifest", lambda m: _layer(m, "fc0").update(out_features=9),
      "layer 'fc0' field 'weights': array 'fc0.weights' has shape (8, 2), expected (9, 2)"),
-    ("manifest", lambda m: _layer(m, "fc0").update(weight="pow2"),
-     "layer 'fc0' field 'weight': unsupported weight kind 'pow2'"),
+    ("manifest", lambda m: _layer(m, "fc0").update(weight="int3"),
+     "layer 'fc0' field 'weight': unsupported weight kind 'int3' (supported: binary, ternary, pow2)"),
     ("manifest", lambda m: _layer(m, "fc0").update(weight="ternary"),
      "layer 'fc0' field 'weights': array 'fc0.weights' has shape (8, 2), expected (8, 2, 2)"),
     ("manifest", lambda m: _layer(m, "fc0").update(kind="conv3d"),
@@ -197,3 +197,111 @@ def test_scales_on_binary_weights_are_rejected(qmd_dir):
 def test_pack_ternary_rejects_other_values():
     with pytest.raises(ValueError, match="-1, 0 or \\+1"):
         pack_ternary(np.array([[0, 2]]))
+
+
+# --------------------------------------------------------------------------- pow2 (ShiftCNN)
+
+@pytest.fixture
+def pow2_dir(tmp_path):
+    random_pow2_mlp(tmp_path, [12, 8, 4], pow2=(2, 4, 7), act="uint3", seed=5)
+    return tmp_path
+
+
+def test_pow2_round_trip_codes_integer_weights_and_ranges(pow2_dir):
+    q = load_qmd(pow2_dir)
+    fc0, fc1 = q.layer("fc0"), q.layer("fc1")
+    assert fc0.attrs == {"in_features": 12, "out_features": 8, "weight": "pow2", "terms": 2, "code_bits": 4,
+                         "exponent_offset": 7}
+    with np.load(pow2_dir / "qmd.npz") as z:
+        codes = z["fc0.weights"]
+    assert codes.shape == (8, 2, 12) and codes.dtype == np.uint8 and np.array_equal(fc0.codes, codes)
+    # the spec's formula, term by term: sum of (-1)^sign 2^(E - t - (j - 1)) over non-zero terms
+    want = np.zeros((8, 12), dtype=np.int64)
+    for o in range(8):
+        for t in range(2):
+            for k in range(12):
+                c = int(codes[o, t, k])
+                j, sign = c & 7, c >> 3
+                if j:
+                    want[o, k] += (-1) ** sign * 2 ** (7 - t - (j - 1))
+    assert np.array_equal(fc0.weights, want) and np.array_equal(fc0.int_weights, want)
+    assert np.abs(want).max() <= 2 ** 7 + 2 ** 6 and (want != 0).any()
+    # interval arithmetic over uint8 inputs, then over the 3-bit activations
+    assert fc0.out_act.hi == int(np.where(want > 0, want * 255, 0).sum(1).max())
+    assert fc0.out_act.lo == int(np.where(want < 0, want * 255, 0).sum(1).min())
+    w1 = fc1.int_weights
+    assert fc1.out_act.hi == int(np.where(w1 > 0, w1 * 7, 0).sum(1).max())
+    assert fc1.out_act.lo == int(np.where(w1 < 0, w1 * 7, 0).sum(1).min())
+
+
+def test_pow2_code_helpers():
+    codes = pow2_code([[False, True, True, False]], [[0, 1, 7, 3]], 4)
+    assert codes.tolist() == [[0, 9, 15, 3]]             # a zero term never carries the sign bit
+    assert pow2_code([True], [0], 4).tolist() == [0]
+    c = np.array([[[9, 0, 3]], [[2, 12, 0]]], dtype=np.uint8).transpose(1, 0, 2)   # [1 row, 2 terms, 3]
+    # E = 5: term 0 index 1 -> -2^5; term 1 index 2 -> 2^(5-1-1); term 0 index 3 -> 2^3; term 1 index 4 (neg) -> -2^1
+    assert pow2_decode(c, 4, 5).tolist() == [[-32 + 8, -2, 8]]
+    with pytest.raises(ValueError, match="pow2 indices must be in 0..7"):
+        pow2_code([False], [8], 4)
+
+
+def _set_code(layer, row, term, k, value):
+    def fn(a):
+        w = a[f"{layer}.weights"].copy()
+        w[row, term, k] = value
+        a[f"{layer}.weights"] = w
+    return fn
+
+
+POW2_CASES = [
+    ("arrays", _set_code("fc0", 1, 0, 2, 16),
+     "layer 'fc0' field 'weights': row 1, term 0, fan-in index 2: code 16 does not fit code_bits=4"),
+    ("arrays", _set_code("fc1", 3, 1, 5, 8),
+     "layer 'fc1' field 'weights': row 3, term 1, fan-in index 5: code 8 is a negative zero"),
+    ("manifest", lambda m: _layer(m, "fc0").update(exponent_offset=3),
+     "layer 'fc0' field 'weights': row 0, term "),
+    ("arrays", lambda a: a.update({"fc0.weights": a["fc0.weights"].astype(np.int16)}),
+     "layer 'fc0' field 'weights': array 'fc0.weights' has dtype int16"),
+    ("arrays", lambda a: a.update({"fc0.weights": a["fc0.weights"].astype(np.uint16)}),
+     "layer 'fc0' field 'weights': pow2 weights must be term codes of dtype uint8, got uint16"),
+    ("arrays", lambda a: a.update({"fc0.weights": a["fc0.weights"][:, :1]}),
+     "layer 'fc0' field 'weights': array 'fc0.weights' has shape (8, 1, 12), expected (8, 2, 12)"),
+    ("manifest", lambda m: _layer(m, "fc0").update(terms=3),
+     "layer 'fc0' field 'weights': array 'fc0.weights' has shape (8, 2, 12), expected (8, 3, 12)"),
+    ("manifest", lambda m: _layer(m, "fc0").update(terms=5), "layer 'fc0' field 'terms': must be an integer in 1..4, got 5"),
+    ("manifest", lambda m: _layer(m, "fc0").update(code_bits=1),
+     "layer 'fc0' field 'code_bits': must be an integer in 2..8, got 1"),
+    ("manifest", lambda m: _layer(m, "fc0").pop("exponent_offset"), "layer 'fc0' field 'exponent_offset': missing"),
+    ("manifest", lambda m: _layer(m, "fc0").update(exponent_offset=25),
+     "layer 'fc0' field 'exponent_offset': must be an integer in 0..24, got 25"),
+    ("manifest", lambda m: _layer(m, "fc0").update(exponent_offset="7"),
+     "layer 'fc0' field 'exponent_offset': expected integer, got str"),
+    ("arrays", lambda a: a.update({"fc0.pos_scale": np.ones(8, np.int32), "fc0.neg_scale": np.ones(8, np.int32)}),
+     "layer 'fc0' field 'neg_scale': pos_scale/neg_scale are only defined for ternary weights"),
+    ("manifest", lambda m: _layer(m, "fc0").update(weight="ternary"),
+     "layer 'fc0' field 'weights': array 'fc0.weights' has shape (8, 2, 12), expected (8, 2, 2)"),
+]
+
+
+@pytest.mark.parametrize("part, breaker, message", POW2_CASES, ids=[c[2][:60] for c in POW2_CASES])
+def test_malformed_pow2_description_is_one_clear_error(pow2_dir, part, breaker, message):
+    (_edit_manifest if part == "manifest" else _edit_arrays)(pow2_dir, breaker)
+    with pytest.raises(QnnfabError) as info:
+        load_qmd(pow2_dir)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(str(pow2_dir))
+    assert message in text
+
+
+def test_pow2_term_finer_than_the_exponent_offset_is_rejected(pow2_dir):
+    # term 1 at index 7 stands for 2^-7: with E = 6 it would be 2^-1, not an integer
+    def only_one_finest(a):
+        w = a["fc0.weights"].copy()
+        w[:, 1][(w[:, 1] & 7) == 7] -= 1           # index 7 -> 6 everywhere in term 1
+        w[2, 1, 4] = 7
+        a["fc0.weights"] = w
+    _edit_arrays(pow2_dir, only_one_finest)
+    _edit_manifest(pow2_dir, lambda m: _layer(m, "fc0").update(exponent_offset=6))
+    with pytest.raises(QnnfabError, match="layer 'fc0' field 'weights': row 2, term 1, fan-in index 4: code 7 "
+                                          "stands for 2\\^-7, finer than exponent_offset=6 resolves"):
+        load_qmd(pow2_dir)
