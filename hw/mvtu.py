@@ -148,6 +148,29 @@ class MVTU(wiring.Component):
             words.append(word)
         return words
 
+    # -- datapath hooks (a subclass with another weight encoding overrides these) -----------
+
+    weight_bits = 1            # weight memory bits per (PE, SIMD lane)
+
+    def _inputs(self, m, data):
+        """What every PE shares of one input beat ``data`` (``SIMD`` raw codes): the raw bits
+        (xnor) or the decoded integer elements (addsub)."""
+        if self.datapath == "xnor":
+            return data
+        iw = self.in_shape.width
+        elems = [data[k * iw:(k + 1) * iw] for k in range(self.simd)]
+        if self.in_shape.signed:
+            elems = [e.as_signed() for e in elems]
+        if self.in_offset:
+            elems = [e + self.in_offset for e in elems]
+        return elems
+
+    def _partial(self, m, p, shared, wbits):
+        """PE ``p``'s contribution of one beat: popcount of ``~(x ^ w)`` or the add/subtract tree."""
+        if self.datapath == "xnor":
+            return popcount(~(shared ^ wbits))
+        return sum_tree([Mux(wbits[k], e, -e) for k, e in enumerate(shared)])
+
     def elaborate(self, platform):
         m = Module()
         pe, simd, nf, sf = self.pe, self.simd, self.nf, self.sf
@@ -162,7 +185,7 @@ class MVTU(wiring.Component):
         wcnt = Signal(range(sf))
         m.d.comb += [
             self.i.ready.eq(~full[wsel]),
-            in_wr.addr.eq(wsel * sf + wcnt),
+            in_wr.addr.eq(Mux(wsel, sf, 0) + wcnt),
             in_wr.data.eq(self.i.payload.as_value()),
             in_wr.en.eq(self.i.valid & self.i.ready),
         ]
@@ -173,7 +196,8 @@ class MVTU(wiring.Component):
                 m.d.sync += wcnt.eq(wcnt + 1)
 
         # ---- weights and thresholds
-        m.submodules.wmem = wmem = memory.Memory(shape=unsigned(pe * simd), depth=nf * sf,
+        wb = self.weight_bits
+        m.submodules.wmem = wmem = memory.Memory(shape=unsigned(pe * simd * wb), depth=nf * sf,
                                                  init=self.weight_words())
         w_rd = wmem.read_port()
         if self.n_thresholds:
@@ -193,7 +217,7 @@ class MVTU(wiring.Component):
         m.d.comb += [
             w_rd.addr.eq(waddr),
             w_rd.en.eq(advance),
-            in_rd.addr.eq(rsel * sf + sf_a),
+            in_rd.addr.eq(Mux(rsel, sf, 0) + sf_a),
             in_rd.en.eq(advance),
         ]
         if self.n_thresholds:
@@ -215,17 +239,9 @@ class MVTU(wiring.Component):
             m.d.sync += [valid_b.eq(valid_a), first_b.eq(sf_a == 0), last_b.eq(sf_a == sf - 1)]
         acc = [Signal(self.acc_shape, name=f"acc{p}") for p in range(pe)]
         total = [Signal(self.acc_shape, name=f"total{p}") for p in range(pe)]
+        shared = self._inputs(m, in_rd.data)
         for p in range(pe):
-            wbits = w_rd.data[p * simd:(p + 1) * simd]
-            if self.datapath == "xnor":
-                partial = popcount(~(in_rd.data ^ wbits))
-            else:
-                elems = [in_rd.data[k * iw:(k + 1) * iw] for k in range(simd)]
-                if self.in_shape.signed:
-                    elems = [e.as_signed() for e in elems]
-                if self.in_offset:
-                    elems = [e + self.in_offset for e in elems]
-                partial = sum_tree([Mux(wbits[k], elems[k], -elems[k]) for k in range(simd)])
+            partial = self._partial(m, p, shared, w_rd.data[p * simd * wb:(p + 1) * simd * wb])
             m.d.comb += total[p].eq(partial + Mux(first_b, 0, acc[p]))
             with m.If(advance & valid_b):
                 m.d.sync += acc[p].eq(total[p])

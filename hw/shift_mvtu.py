@@ -1,0 +1,198 @@
+"""ShiftCNN shift-add matrix-vector(-threshold) unit for power-of-two weights, folded by PE and SIMD.
+
+Computes, for each input vector ``x`` (N values) and the QMD's ``pow2`` weights (M x N,
+each the sum of ``T`` signed powers of two, docs/qmd-spec.md), the dot products
+
+    dot[m] = sum over n, t with j != 0 of (-1)^sign * (x[n] << (E - t - (j - 1)))
+
+(``j``/``sign`` the index and sign of term ``t`` of ``W[m, n]``, ``E`` the layer's
+exponent offset), then thresholds them into the next layer's activation codes (the count
+of met thresholds) or emits them as signed integers (the logits). No multipliers:
+
+* **Shared shifted copies.** Every input element of a beat is decoded once
+  (``value = scale*code + offset``; a power-of-two ``scale`` is a shift) and its shifted
+  copies ``x << s``, ``s = 0..E``, are formed once (wiring) and shared by all PEs.
+* **Term select.** Each weight term selects one copy by its codebook index (a mux over the
+  ``2^(B-1) - 1`` copies its codebook reaches, index 0 selecting the constant 0), and a
+  negative term contributes the one's complement ``~copy``; the PE's adder tree adds the
+  count of negative terms once (``-v = ~v + 1``), so a zero term adds nothing and a sign
+  costs an XOR.
+* **Accumulator widths** come from the codebooks and the fan-in: the largest weight any
+  code can make is ``sum_t 2^(E-t)``, so ``|dot| <= N * max|x| * sum_t 2^(E-t)``, and the
+  accumulator holds that (no overflow for any weights of these codebooks).
+
+Everything else is :class:`hw.mvtu.MVTU`'s (this class overrides its datapath hooks): the
+double-buffered input vector, weights in one ``lib.memory`` of depth ``NF*SF`` (word
+``f*SF + s`` holds, at bits ``((p*SIMD + k)*T + t)*B``, the code of term ``t`` of
+``W[f*PE + p, s*SIMD + k]``), the three-stage pipeline frozen by back-pressure,
+thresholds in a ``lib.memory`` of depth ``NF``; ``NF*SF`` cycles per vector.
+
+Stream interface (identical to :class:`hw.mvtu.MVTU`)
+  ``i``: ``SIMD`` input codes per beat; one vector = ``SF`` beats, element ``k`` of beat
+  ``s`` is ``x[s*SIMD + k]``.
+  ``o``: ``PE`` elements per beat; one vector = ``NF`` beats, element ``p`` of beat ``f``
+  is output channel ``f*PE + p``.
+"""
+
+import numpy as np
+from amaranth.hdl import Array, Cat, Const, Mux, Shape, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from hw.arith import bits_for, popcount, sum_tree, to_ge_thresholds
+from hw.mvtu import MVTU, _check_fold
+from models.qmd import POW2_CODE_BITS, POW2_EXPONENT_MAX, POW2_TERMS, pow2_codebook_max, pow2_decode
+
+
+class ShiftMVTU(MVTU):
+    """Shift-add (ShiftCNN) matrix-vector(-threshold) unit; see the module docstring.
+
+    Parameters
+    ----------
+    codes : uint array [M, T, N]: the QMD's pow2 term codes (``sign << (B-1) | index``)
+    code_bits, exponent_offset : the layer's ``B`` and ``E``
+    pe, simd : folding (``PE`` divides M, ``SIMD`` divides N)
+    thresholds, direction : None, or the QMD threshold arrays ``[M][T']`` and ``[M]`` (in
+        the spec's domain, the dot product)
+    in_shape : Amaranth shape of an input code (``unsigned(8)`` pixels, ``unsigned(b)``
+        n-bit activations, ``unsigned(1)`` binary, ``unsigned(2)`` ternary)
+    in_code : ``(scale, offset)``: code ``r`` stands for ``scale*r + offset``; ``scale`` a power
+        of two (a shift: binary ``(2, -1)``, ternary ``(1, -1)``, integers ``(1, 0)``)
+    in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
+    """
+
+    datapath = "shift"
+
+    def __init__(self, codes, *, code_bits, exponent_offset, pe, simd, thresholds=None, direction=None,
+                 in_shape=unsigned(8), in_code=(1, 0), in_range=None):
+        for name, v, (lo, hi) in (("code_bits", code_bits, POW2_CODE_BITS),
+                                  ("exponent_offset", exponent_offset, (0, POW2_EXPONENT_MAX))):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+        c = np.asarray(codes)
+        if c.ndim != 3 or c.dtype.kind not in "iu" or not POW2_TERMS[0] <= c.shape[1] <= POW2_TERMS[1]:
+            raise ValueError(f"codes must be an integer array [M, terms (1..{POW2_TERMS[1]}), N]")
+        c = c.astype(np.int64)
+        half = 1 << (code_bits - 1)
+        j, sign = c & (half - 1), c >> (code_bits - 1)
+        shift = exponent_offset - np.arange(c.shape[1])[None, :, None] - (j - 1)
+        if (c < 0).any() or (c >= 2 * half).any():
+            raise ValueError(f"codes must be in 0..{2 * half - 1} (code_bits={code_bits})")
+        if ((j == 0) & (sign != 0)).any():
+            raise ValueError("a zero term (index 0) must not have its sign bit set")
+        if ((j > 0) & (shift < 0)).any():
+            raise ValueError(f"a term is finer than 2^-{exponent_offset}: not an integer weight")
+        self.codes, self.code_bits, self.exponent_offset = c, code_bits, exponent_offset
+        self.m, self.terms, self.n = c.shape
+        _check_fold("output channels", self.m, pe, "PE")
+        _check_fold("input features", self.n, simd, "SIMD")
+        self.pe, self.simd = pe, simd
+        self.nf, self.sf = self.m // pe, self.n // simd
+        self.weights = pow2_decode(c, code_bits, exponent_offset)        # Wq, for checks and reports
+
+        self.in_shape = Shape.cast(in_shape)
+        if (not isinstance(in_code, tuple) or len(in_code) != 2 or not all(isinstance(v, int) for v in in_code)
+                or in_code[0] < 1 or in_code[0] & (in_code[0] - 1)):
+            raise ValueError(f"in_code must be a pair (scale, offset) of integers with scale a power of two, "
+                             f"got {in_code!r}")
+        self.in_code = in_code
+        self.in_offset = in_code[1]
+        if in_range is None:
+            w = self.in_shape.width
+            lo_r, hi_r = (-(1 << (w - 1)), (1 << (w - 1)) - 1) if self.in_shape.signed else (0, (1 << w) - 1)
+            in_range = (in_code[0] * lo_r + in_code[1], in_code[0] * hi_r + in_code[1])
+        lo, hi = (int(v) for v in in_range)
+        if lo > hi:
+            raise ValueError(f"in_range must be (lo, hi) with lo <= hi, got {in_range!r}")
+        self.in_range = (lo, hi)
+        xmax = max(abs(lo), abs(hi))
+        # the codebooks' worst case: every weight at its largest magnitude
+        self.weight_max = pow2_codebook_max(self.terms, code_bits, exponent_offset)
+        bound = self.n * xmax * self.weight_max
+        self.acc_shape = signed(bits_for(bound) + 1)
+        wq = self.weights
+        dlo = int(np.minimum(wq * lo, wq * hi).sum(axis=1).min())
+        dhi = int(np.maximum(wq * lo, wq * hi).sum(axis=1).max())
+        self.dot_range = (dlo, dhi)
+        if thresholds is not None:
+            thr = np.asarray(thresholds, dtype=np.int64)
+            if thr.ndim != 2 or thr.shape[0] != self.m or thr.shape[1] < 1:
+                raise ValueError(f"thresholds must have shape [{self.m}, T], got {list(thr.shape)}")
+            if direction is None or len(direction) != self.m or not np.isin(direction, (-1, 1)).all():
+                raise ValueError(f"thresholds need {self.m} comparison directions of +1/-1")
+            ge, invert = to_ge_thresholds(thr, direction)
+            self.n_thresholds = thr.shape[1]
+            # thresholds beyond the dot product's range are always/never met: clamp so they fit
+            self.ge = np.clip(np.asarray(ge, dtype=np.int64), dlo, dhi + 1)
+            self.invert = [bool(v) for v in invert]
+            self.thr_shape = Shape.cast(range(dlo, dhi + 2))
+            out_elem = unsigned(bits_for(self.n_thresholds))
+        else:
+            self.n_thresholds = 0
+            out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
+        self.out_elem = out_elem
+        wiring.Component.__init__(self, {
+            "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
+            "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
+        })
+
+    @property
+    def weight_bits(self):
+        """Weight memory bits per (PE, SIMD lane): ``T`` codes of ``B`` bits."""
+        return self.terms * self.code_bits
+
+    def weight_words(self):
+        """Weight memory contents: word ``f*SF + s`` holds, at bits ``((p*SIMD + k)*T + t)*B``,
+        the code of term ``t`` of ``W[f*PE + p, s*SIMD + k]``."""
+        b, t_ = self.code_bits, self.terms
+        # [f, p, t, s, k] -> per word (f, s): p, k, t from the lowest bits up
+        c = self.codes.reshape(self.nf, self.pe, t_, self.sf, self.simd).transpose(0, 3, 1, 4, 2)
+        c = c.reshape(self.nf * self.sf, self.pe * self.simd * t_)
+        words = []
+        for row in c:
+            word = 0
+            for i, v in enumerate(row.tolist()):
+                word |= v << (i * b)
+            words.append(word)
+        return words
+
+    def shift_of(self, t, j):
+        """The left shift index ``j`` of term ``t`` selects: ``E - t - (j - 1)`` (None if negative)."""
+        s = self.exponent_offset - t - (j - 1)
+        return s if s >= 0 else None
+
+    # -- datapath (MVTU hooks) -------------------------------------------------------------
+
+    def _inputs(self, m, raw):
+        """Decode each element once and form its shifted copies ``x << s`` (s = 0..E), shared by
+        every PE: a list over the SIMD elements of ``{s: value}``."""
+        iw = self.in_shape.width
+        scale, offset = self.in_code
+        copies = []
+        for k in range(self.simd):
+            x = raw[k * iw:(k + 1) * iw]
+            x = x.as_signed() if self.in_shape.signed else x
+            if scale != 1:
+                x = x << (scale.bit_length() - 1)
+            if offset:
+                x = x + offset
+            copies.append({s: x << s for s in range(self.exponent_offset + 1)})
+        return copies
+
+    def _partial(self, m, p, copies, wbits):
+        """PE ``p``'s beat: per element and term, the copy its index selects (one's complement
+        if negative), summed with the count of negative terms."""
+        b, top = self.code_bits, (1 << (self.code_bits - 1)) - 1
+        vals, negs = [], []
+        for k in range(self.simd):
+            for t in range(self.terms):
+                code = wbits[(k * self.terms + t) * b:(k * self.terms + t + 1) * b]
+                j, neg = code[:b - 1], code[b - 1]
+                options = [Const(0, 1)] + [copies[k][s] if (s := self.shift_of(t, jj)) is not None else Const(0, 1)
+                                           for jj in range(1, top + 1)]
+                sel = Array(options)[j]
+                shape = sel.shape()
+                ext = sel if shape.signed else Cat(sel, Const(0, 1)).as_signed()
+                vals.append(Mux(neg, ~ext, ext))
+                negs.append(neg)
+        return sum_tree(vals + [popcount(Cat(*negs))])
