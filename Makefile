@@ -12,6 +12,7 @@ BOARD  ?= ulx3s-85f
 TARGET_FPS ?=
 CLOCK_MHZ ?= 100
 DEVICE_BUDGET ?=
+SYNTH_COSTS ?=
 
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PY    := $(VENV)/bin/python
@@ -21,7 +22,7 @@ export PYTHONPATH := $(CURDIR)
 
 help:
 	@echo "make sim MODEL=bnn_mnist [IMAGES=100]  generate, simulate in Verilator on real test images, report"
-	@echo "make verilog MODEL=m                    Verilog + report in build/m/"
+	@echo "make verilog MODEL=m [SYNTH_COSTS=1]    Verilog + report in build/m/ (SYNTH_COSTS: Yosys multipliers/LUTs per MAC of shift engines)"
 	@echo "make sim-full MODEL=m                   the whole test set through the RTL (C++ Verilator harness)"
 	@echo "make eval MODEL=m                       integer reference accuracy on the full test set"
 	@echo "make check MODEL=m                      validate the model description and folding"
@@ -44,7 +45,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 verilog: $(STAMP)
-	$(PY) -m qnnfab verilog --model $(MODEL)
+	$(PY) -m qnnfab verilog --model $(MODEL) $(if $(SYNTH_COSTS),--synth-costs)
 
 sim: $(STAMP)
 	$(PY) -m qnnfab verilog --model $(MODEL)

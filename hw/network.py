@@ -25,6 +25,7 @@ from hw.argmax_output import ArgmaxOutput, result_layout
 from hw.arith import bits_for
 from hw.maxpool import MaxPool
 from hw.mvtu import MVTU
+from hw.shift_mvtu import ShiftMVTU
 from hw.sliding_window import SlidingWindow
 from hw.ternary_mvtu import TernaryMVTU, ternary_schedule
 from hw.threshold_unit import ThresholdUnit
@@ -37,7 +38,7 @@ class Stage:
     """One hardware stage of the pipeline and what it produces per frame."""
 
     name: str                 # the (first) QMD layer it implements, or dwc_<a>_<b> for a converter
-    engine: str               # threshold_unit | xnor_mvtu | addsub_mvtu | ternary_mvtu | sliding_window
+    engine: str               # threshold_unit | xnor_mvtu | addsub_mvtu | ternary_mvtu | shift_mvtu | sliding_window
                               # | maxpool | width_converter | argmax_output
     layers: list              # the QMD layers it implements (empty for a width converter)
     in_lanes: int
@@ -95,6 +96,7 @@ def plan_network(qmd, folding):
             m, n = layer.weights.shape
             binary_in = layer.in_act.kind == "binary"
             ternary_w = layer.attrs["weight"] == "ternary"
+            pow2_w = layer.attrs["weight"] == "pow2"
             if layer.kind == "conv2d":
                 h, w, c = layer.in_shape
                 if c % simd:
@@ -133,6 +135,12 @@ def plan_network(qmd, folding):
                                     params={"weight_density": sched.density, "cycles_per_frame_dense": dense_cycles,
                                             "schedule_bits": sched.schedule_bits,
                                             "busiest_lane_slots": int(sched.lane_steps.max())}))
+            elif pow2_w:
+                a = layer.attrs
+                stages.append(Stage(layer.name, "shift_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
+                                    cycles_per_frame=dense_cycles, pe=pe, simd=simd,
+                                    params={"terms": a["terms"], "code_bits": a["code_bits"],
+                                            "exponent_offset": a["exponent_offset"]}))
             else:
                 stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
                                     windows * m, out_shape, out_act, cycles_per_frame=dense_cycles, pe=pe, simd=simd))
@@ -254,6 +262,14 @@ class Accelerator(wiring.Component):
                                direction=None if thr is None else thr.arrays["direction"],
                                pos_scale=layer.arrays.get("pos_scale"), neg_scale=layer.arrays.get("neg_scale"),
                                in_shape=code_shape(act), in_code=act.code, in_range=(act.lo, act.hi))
+        if s.engine == "shift_mvtu":
+            thr = s.layers[1] if len(s.layers) == 2 else None
+            act = layer.in_act
+            return ShiftMVTU(layer.codes, code_bits=s.params["code_bits"], exponent_offset=s.params["exponent_offset"],
+                             pe=s.pe, simd=s.simd,
+                             thresholds=None if thr is None else thr.arrays["thresholds"],
+                             direction=None if thr is None else thr.arrays["direction"],
+                             in_shape=code_shape(act), in_code=act.code, in_range=(act.lo, act.hi))
         if s.engine == "sliding_window":
             p = s.params
             return SlidingWindow(s.out_shape, p["height"], p["width"], p["channels"], p["kernel"],

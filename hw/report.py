@@ -12,7 +12,15 @@
   fraction of non-zero weights), ``cycles_per_frame_dense`` (what a dense engine of the
   same PE/SIMD needs) and ``zero_skip_ratio`` (``cycles_per_frame / cycles_per_frame_dense``);
   their ``cycles_per_frame`` is exact, computed from the weight pattern, and their
-  ``weight_bits`` are the compressed schedule's (``weight_bits_dense``: 2 bits a weight)
+  ``weight_bits`` are the compressed schedule's (``weight_bits_dense``: 2 bits a weight).
+  Shift-add engines (``engine`` = ``shift_mvtu``, pow2 weights) add ``terms``,
+  ``code_bits`` and ``exponent_offset``, and, when synthesis costs were measured
+  (``python -m qnnfab verilog --synth-costs``, ``make verilog SYNTH_COSTS=1``, or a cached
+  measurement of the same engine; :mod:`boards.shift_cost`), ``multipliers`` (``$mul`` cells
+  of the elaborated engine plus mapped DSP multipliers: 0), ``luts_per_mac`` (Yosys' LUTs /
+  (PE*SIMD)), ``luts_per_mac_multiplier`` (the same layer on a LUT-multiplier MAC engine of the
+  same PE/SIMD) and ``synth_costs`` (every count, both engines, also the multiplier engine
+  mapped onto DSPs)
 * ``cycles_per_frame``: analytic frame interval = the slowest stage's cycles
 * ``bottleneck``: that stage's name
 * ``estimated``: the totals of the per-stage estimates
@@ -32,8 +40,11 @@ def estimate_stage(s, family="ecp5"):
     return resource_model.estimate_stage(s, family)
 
 
-def design_report(qmd, folding, stages, verilog_path, top):
+def design_report(qmd, folding, stages, verilog_path, top, shift_costs=None):
+    """The report dict; ``shift_costs`` maps shift stages' names to their
+    :func:`boards.shift_cost.shift_layer_costs` results (None: not measured)."""
     layers = []
+    shift_costs = shift_costs or {}
     for s in stages:
         entry = {
             "name": s.name, "kind": s.kind, "engine": s.engine, "pe": s.pe, "simd": s.simd,
@@ -44,6 +55,10 @@ def design_report(qmd, folding, stages, verilog_path, top):
             dense = s.params["cycles_per_frame_dense"]
             entry.update(weight_density=round(s.params["weight_density"], 6), cycles_per_frame_dense=dense,
                          zero_skip_ratio=round(s.cycles_per_frame / dense, 6))
+        if s.engine == "shift_mvtu":
+            entry.update({k: s.params[k] for k in ("terms", "code_bits", "exponent_offset")})
+            if shift_costs.get(s.name):
+                entry.update(shift_costs[s.name])
         layers.append(entry)
     cpf = frame_cycles(stages)
     totals = {}
@@ -78,6 +93,18 @@ def _zero_skip_section(rep):
                     "schedule bits", "dense 2-bit bits"], rows), ""]
 
 
+def _shift_section(rep):
+    rows = [(l["name"], l["pe"], l["simd"], f"N={l['terms']} B={l['code_bits']} E={l['exponent_offset']}",
+             l.get("multipliers", "not measured"), l.get("luts_per_mac", ""), l.get("luts_per_mac_multiplier", ""),
+             l["synth_costs"]["multiplier_engine"]["dsp_mapped"]["dsp"] if "synth_costs" in l else "")
+            for l in rep["layers"] if l["engine"] == "shift_mvtu"]
+    if not rows:
+        return []
+    return ["Shift-add engines (pow2 weights; Yosys figures with `--synth-costs`, boards/shift_cost.py):", "",
+            _table(["stage", "PE", "SIMD", "codebooks", "multipliers", "LUTs/MAC", "LUTs/MAC, LUT-multiplier MAC",
+                    "DSPs of a DSP-multiplier MAC"], rows), ""]
+
+
 def design_markdown(rep):
     rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l["cycles_per_frame"],
              l["estimated"]["weight_bits"], l["estimated"]["luts"], l["estimated"]["ffs"]) for l in rep["layers"]]
@@ -90,6 +117,7 @@ def design_markdown(rep):
                rows),
         "",
         *_zero_skip_section(rep),
+        *_shift_section(rep),
         f"Frame interval (analytic): **{rep['cycles_per_frame']} cycles**, set by `{rep['bottleneck']}`; "
         f"at 100 MHz that is {100e6 / rep['cycles_per_frame']:,.0f} frames/s.",
         "",

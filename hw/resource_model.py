@@ -61,6 +61,22 @@ def _ternary_model(s):
             "buffer_bits": s.pe * 2 * n * in_bits + param_bits + fifo_bits, "luts": luts, "ffs": ffs}
 
 
+def _shift_params(s):
+    """``(m, n, in_bits, acc, n_thr, term_widths)`` of a shift-add stage: the accumulator from the
+    codebooks (:class:`hw.shift_mvtu.ShiftMVTU`), each term's copy width ``in_bits + E - t``."""
+    from models.qmd import pow2_codebook_max
+    layer = s.layers[0]
+    m, n = layer.weights.shape
+    p = s.params
+    act = layer.in_act
+    xmax = max(abs(act.lo), abs(act.hi))
+    in_bits = bits_for(xmax) + (1 if act.lo < 0 else 0)
+    acc = bits_for(n * xmax * pow2_codebook_max(p["terms"], p["code_bits"], p["exponent_offset"])) + 1
+    n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
+    widths = [in_bits + max(0, p["exponent_offset"] - t) for t in range(p["terms"])]
+    return m, n, in_bits, acc, n_thr, widths
+
+
 def _mvtu_params(s):
     layer = s.layers[0]
     m, n = layer.weights.shape
@@ -76,6 +92,15 @@ def _mvtu_params(s):
 
 def logic_features(s):
     """The uncalibrated first-order (LUTs, FFs) of stage ``s``."""
+    if s.engine == "shift_mvtu":
+        m, n, in_bits, acc, n_thr, widths = _shift_params(s)
+        folds = bits_for(m * n // (s.pe * s.simd))
+        b = s.params["code_bits"]
+        # per lane and term a (2^(B-1))-way mux of its copy width, the complement and its share of
+        # the adder tree (about (2B + 2) LUTs a bit in Yosys' ECP5 mapping); per PE as the MVTU
+        luts = s.pe * s.simd * sum(w * (2 * b + 2) for w in widths) + s.pe * acc * (2 + n_thr) + 4 * folds
+        ffs = s.pe * (acc + s.out_shape.width) + s.simd * in_bits + 3 * folds
+        return luts, ffs
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         folds = bits_for(m * n // (s.pe * s.simd))
@@ -107,6 +132,17 @@ def logic_features(s):
 def memories(s):
     """``[(name, width, depth, kind)]`` of the memories in stage ``s``; kind is ``rom``
     (initialised weights/thresholds), ``ram`` (run-time loaded weights) or ``buffer``."""
+    if s.engine == "shift_mvtu":
+        m, n, in_bits, acc, n_thr, _ = _shift_params(s)
+        nf, sf = m // s.pe, n // s.simd
+        out = s.layers[0].out_act
+        mems = [("weights", s.pe * s.simd * s.params["terms"] * s.params["code_bits"], nf * sf,
+                 s.params.get("weights", "rom")),
+                ("input", s.simd * in_bits, 2 * sf, "buffer")]
+        if n_thr:
+            thr_w = bits_for(max(abs(out.lo), abs(out.hi)) + 1) + 1
+            mems.append(("thresholds", s.pe * (n_thr * thr_w + 1), nf, "rom"))
+        return mems
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         nf, sf = m // s.pe, n // s.simd

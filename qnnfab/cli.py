@@ -45,11 +45,29 @@ def cmd_verilog(args):
     out = build_dir(qmd.name)
     acc = Accelerator(qmd, folding)
     vpath = write_verilog(acc, out / f"{qmd.name}.v", name=qmd.name)
-    rep = design_report(qmd, folding, acc.stages, vpath, qmd.name)
+    rep = design_report(qmd, folding, acc.stages, vpath, qmd.name,
+                        shift_costs=_shift_costs(acc, out, getattr(args, "synth_costs", False)))
     write_json(out / "report.json", rep)
     (out / "report.md").write_text(design_markdown(rep))
     print(design_markdown(rep))
     print(f"wrote {vpath}, {out / 'report.json'}, {out / 'report.md'}")
+
+
+def _shift_costs(acc, out, synthesize):
+    """Yosys cost figures of the shift-add stages (boards/shift_cost.py): measured now with
+    ``--synth-costs``, else whatever a previous measurement of the same engines cached."""
+    stages = [(k, s) for k, s in enumerate(acc.stages) if s.engine == "shift_mvtu"]
+    if not stages:
+        return {}
+    from boards.shift_cost import shift_layer_costs
+    res = {}
+    for k, s in stages:
+        eng = acc.engine(k)
+        eng._MustUse__silence = True
+        if synthesize:
+            print(f"synthesizing {s.name} and its multiplier twin for the cost comparison ...", flush=True)
+        res[s.name] = shift_layer_costs(eng, out / "shift_costs", synthesize=synthesize)
+    return res
 
 
 def cmd_sim(args):
@@ -181,7 +199,10 @@ def main(argv=None):
         p.set_defaults(fn=fn)
         return p
 
-    model_cmd("verilog", cmd_verilog, "generate Verilog and the design report")
+    p = model_cmd("verilog", cmd_verilog, "generate Verilog and the design report")
+    p.add_argument("--synth-costs", action="store_true",
+                   help="synthesize each shift-add stage and a multiplier MAC twin with Yosys for the report's "
+                        "multipliers / luts_per_mac (cached in build/<model>/shift_costs)")
     p = model_cmd("sim", cmd_sim, "RTL simulation against the integer reference")
     p.add_argument("--images", type=int, default=100, help="number of test images (default 100)")
     p.add_argument("--stall", type=float, default=0.0, help="probability of valid/ready stalls per cycle")
