@@ -160,14 +160,23 @@ def fold_bn_levels(k, mean, beta, alpha, levels, lo, hi, chunk=1 << 22):
 
 
 def _weight_layer(name, kind, mod, reorder=None, **fields):
-    """A ``dense``/``conv2d`` layer dict of a binary or ternary weight module, and its integer
+    """A ``dense``/``conv2d`` layer dict of a binary, ternary or pow2 weight module, and its integer
     weight matrix ``[out, fan-in]`` in the QMD's order (conv: (ky, kx, c))."""
     q = mod.qmd_weight()
-    w = q["weights"]
-    if w.ndim == 4:                                       # [Cout, Cin, K, K] -> (ky, kx, c)
-        w = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
-    if reorder is not None:
-        w = reorder(w)
+
+    def to_qmd(w):                                        # [out, ...] -> [out, fan-in] in the QMD's order
+        if w.ndim == 4:                                   # [Cout, Cin, K, K] -> (ky, kx, c)
+            w = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        return reorder(w) if reorder is not None else w
+
+    if q["weight"] == "pow2":
+        codes = q["weights"]                              # [out, terms, *weight.shape[1:]]
+        codes = np.stack([to_qmd(codes[:, t]) for t in range(codes.shape[1])], axis=1)
+        wq = to_qmd(q["int_weights"]).astype(np.int64)
+        spec = {"name": name, "kind": kind, **fields, "weight": "pow2", "terms": q["terms"],
+                "code_bits": q["code_bits"], "exponent_offset": q["exponent_offset"], "arrays": {"weights": codes}}
+        return spec, wq
+    w = to_qmd(q["weights"])
     arrays = {"weights": w}
     wq = w.astype(np.int64)
     if "pos_scale" in q:
@@ -185,8 +194,8 @@ def _act_layer(name, act, k, mean, beta, alpha, lo, hi):
 def cnv_layers(model, input_shape):
     """QMD layer dicts (for :func:`models.qmd.save_qmd`) of a :class:`CNV` model.
 
-    ``conv<i>`` (conv2d, binary or ternary weights in (ky, kx, c) order, TTQ's integer
-    ``pos_scale``/``neg_scale``), ``conv<i>_act`` (threshold: one level per output step of
+    ``conv<i>`` (conv2d, binary, ternary or pow2 weights in (ky, kx, c) order, TTQ's integer
+    ``pos_scale``/``neg_scale``, pow2's term codes and exponent offset), ``conv<i>_act`` (threshold: one level per output step of
     the activation, binary/ternary/uint), ``pool<i>`` (maxpool 2/2, after the activations
     of ``model.pool_after``), then ``fc<i>``/``fc<i>_act`` and the logits ``fc<L>`` and
     ``class`` as for :class:`SFC`. The first conv's float input is ``(q - Z)/S`` of the
@@ -197,6 +206,8 @@ def cnv_layers(model, input_shape):
     """
     if not isinstance(model, CNV):
         raise TypeError(f"expected a CNV model, got {type(model).__name__}")
+    if getattr(model, "weight_kind", None) == "float":
+        raise QnnfabError("a float CNV (a float baseline) has no integer description to export")
     if tuple(input_shape) != model.in_shape:
         raise ValueError(f"input shape {tuple(input_shape)} does not match the model's {model.in_shape}")
     if not model.fcs:
@@ -316,6 +327,20 @@ def reference_predictions(qmd, images, batch=1000):
 
 # --------------------------------------------------------------------------- export
 
+def measure_float_baseline(name, images, labels, run_dir=None):
+    """The float baseline ``name``'s test accuracy, measured now from its checkpoint
+    (``runs/<name>/ckpt.pt``); ``{"model", "accuracy", "epochs", "checkpoint"}``, accuracy
+    None (with a warning) when it has not been trained."""
+    path = Path(run_dir) if run_dir else default_run_dir(name)
+    if not (path / CKPT).is_file():
+        print(f"warning: float baseline '{name}' not trained ({path / CKPT} missing); "
+              f"float_baseline_accuracy is not recorded", file=sys.stderr)
+        return {"model": name, "accuracy": None, "epochs": None, "checkpoint": str(path / CKPT)}
+    model, ck = load_trained(name, path)
+    acc = float((float_model_predictions(model, images) == np.asarray(labels)).mean())
+    return {"model": name, "accuracy": acc, "epochs": int(ck["epoch"]), "checkpoint": str(path / CKPT)}
+
+
 def _dataset_note(name, n):
     path = Path(DATA_DIR) / DATASETS[name]
     return f"{name}, {os.path.relpath(path, REPO_ROOT)}, {n:,} test images"
@@ -327,6 +352,9 @@ def export(model_name, run_dir=None, out_dir=None):
     torch.set_num_threads(THREADS)
     model, ck = load_trained(model_name, run_dir)
     cfg = ck["config"]
+    if cfg["net_args"].get("weight") == "float":
+        raise QnnfabError(f"'{model_name}' is a float baseline: it trains (make train) and is evaluated as "
+                          "another model's float_baseline_accuracy, but has no integer description to export")
     if ck["epoch"] < cfg["epochs"]:
         print(f"warning: exporting a partially trained model ({ck['epoch']}/{cfg['epochs']} epochs)",
               file=sys.stderr)
@@ -353,6 +381,9 @@ def export(model_name, run_dir=None, out_dir=None):
         "exported": datetime.date.today().isoformat(),
         "exporter": "models/export.py",
     }
+    if cfg.get("float_baseline"):
+        provenance["float_baseline"] = measure_float_baseline(cfg["float_baseline"], images, labels)
+        provenance["float_baseline_accuracy"] = provenance["float_baseline"]["accuracy"]
     description = cfg.get("description", "")
     qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description,
                    dataset=cfg["dataset"])

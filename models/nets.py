@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.quant import (BinaryActivation, BinaryConv2d, BinaryLinear, TernaryActivation, TernaryConv2d,
-                          TernaryLinear, UintActivation)
+from models.quant import (BinaryActivation, BinaryConv2d, BinaryLinear, Pow2Conv2d, Pow2Linear, TernaryActivation,
+                          TernaryConv2d, TernaryLinear, UintActivation)
 from qnnfab.errors import QnnfabError
 
 
@@ -89,17 +89,22 @@ class CNV(nn.Module):
 
     The quantizers are chosen by ``weight`` (``binary``; ``twn`` or ``ttq``: ternary weights
     with threshold ``delta_factor * mean|W|`` and, for TTQ, integer scale ratios in
-    ``1..ttq_levels``) and ``act`` (``binary``, ``ternary`` — TNN's two thresholds at
-    ``+-act_threshold`` — or ``uint<b>``, e.g. ``uint2``); the first layer always sees the
-    8-bit pixels and the last layer's weights are of the same kind, without ``alpha``.
+    ``1..ttq_levels``; ``pow2``: ShiftCNN weights, ``pow2_terms`` codebooks of ``pow2_bits``
+    bits; ``float``: plain float weights, the float baseline) and ``act`` (``binary``,
+    ``ternary`` — TNN's two thresholds at ``+-act_threshold`` — ``uint<b>``, e.g. ``uint2``,
+    with ``act_step`` the value of one code, or ``relu`` for the float baseline); the first
+    layer always sees the 8-bit pixels and the last layer's weights are of the same kind,
+    without ``alpha``. Float baselines (``weight="float"``) train like the others but have no
+    integer export.
     """
 
     def __init__(self, in_shape=(32, 32, 3), channels=(64, 64, 128, 128, 256, 256), pool_after=(1, 3),
                  kernel=3, hidden=(512, 512), classes=10, in_zero=128, in_scale=128, logit_scale=0.0625,
                  scale=False, bn_eps=1e-5, bn_momentum=0.1, weight="binary", act="binary", delta_factor=0.7,
-                 ttq_levels=8, act_threshold=0.5):
+                 ttq_levels=8, act_threshold=0.5, pow2_terms=2, pow2_bits=4, act_step=1.0):
         super().__init__()
-        linear, conv = _weight_modules(weight, delta_factor, ttq_levels)
+        linear, conv = _weight_modules(weight, delta_factor, ttq_levels, pow2_terms, pow2_bits)
+        self.weight_kind = weight
         if not logit_scale > 0:
             raise ValueError("logit_scale must be positive")
         if not in_scale > 0:
@@ -109,7 +114,7 @@ class CNV(nn.Module):
         self.kernel = int(kernel)
         self.in_zero, self.in_scale = float(in_zero), float(in_scale)
         self.logit_scale = float(logit_scale)
-        self.act = _activation(act, act_threshold)
+        self.act = _activation(act, act_threshold, act_step)
         self.convs = nn.ModuleList()
         self.conv_bns = nn.ModuleList()
         h, w, c = self.in_shape
@@ -130,6 +135,19 @@ class CNV(nn.Module):
             self.bns.append(nn.BatchNorm1d(hd, eps=bn_eps, momentum=bn_momentum))
             width = hd
         self.out = linear(width, classes, scale=False)
+
+    def init_from_float(self):
+        """Called after a float baseline's weights were copied in (``init_from``): a ``uint``
+        activation with ``act_step`` outputs codes ``1/act_step`` times the ReLU's values, so the
+        weights of every layer after an activation are scaled by ``act_step`` (the quantized
+        layers' scale follows ``max|W|``), and the network starts as the float model with its
+        activations clipped and quantized."""
+        step = getattr(self.act, "step", 1.0)
+        if step == 1.0:
+            return
+        with torch.no_grad():
+            for mod in list(self.convs)[1:] + list(self.fcs) + [self.out]:
+                mod.weight.mul_(step)
 
     def weight_densities(self):
         """Fraction of non-zero weights per layer (QMD layer name -> density; 1.0 for binary)."""
@@ -160,13 +178,48 @@ class CNV(nn.Module):
         return _dense_head(self, a.flatten(1), t, trace)
 
 
-def _weight_modules(kind, delta_factor, levels):
-    """``(linear, conv)`` constructors of weight kind ``binary``, ``twn`` or ``ttq``, taking
-    ``(..., scale=...)`` like :class:`BinaryLinear`/:class:`BinaryConv2d`."""
+class FloatLinear(nn.Linear):
+    """A float linear layer without bias, with the quantized layers' interface (the float baseline)."""
+
+    def __init__(self, in_features, out_features, scale=False):
+        super().__init__(in_features, out_features, bias=False)
+
+    def dot(self, x):
+        return self(x)
+
+    def alpha(self):
+        return torch.ones(self.out_features, dtype=self.weight.dtype, device=self.weight.device)
+
+
+class FloatConv2d(nn.Conv2d):
+    """A float convolution without bias, with the quantized layers' interface (the float baseline)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, scale=False):
+        super().__init__(in_channels, out_channels, kernel_size, bias=False)
+
+    def dot(self, x):
+        return self(x)
+
+    def alpha(self):
+        return torch.ones(self.out_channels, dtype=self.weight.dtype, device=self.weight.device)
+
+
+def _weight_modules(kind, delta_factor, levels, pow2_terms=2, pow2_bits=4):
+    """``(linear, conv)`` constructors of weight kind ``binary``, ``twn``, ``ttq``, ``pow2`` or
+    ``float``, taking ``(..., scale=...)`` like :class:`BinaryLinear`/:class:`BinaryConv2d`."""
     if kind == "binary":
         return BinaryLinear, BinaryConv2d
+    if kind == "float":
+        return FloatLinear, FloatConv2d
+    if kind == "pow2":
+        def linear(i, o, scale):
+            return Pow2Linear(i, o, terms=pow2_terms, code_bits=pow2_bits, scale=scale)
+
+        def conv(i, o, k, scale):
+            return Pow2Conv2d(i, o, k, terms=pow2_terms, code_bits=pow2_bits, scale=scale)
+        return linear, conv
     if kind not in ("twn", "ttq"):
-        raise ValueError(f"weight must be 'binary', 'twn' or 'ttq', got {kind!r}")
+        raise ValueError(f"weight must be 'binary', 'twn', 'ttq', 'pow2' or 'float', got {kind!r}")
 
     def linear(i, o, scale):
         return TernaryLinear(i, o, mode=kind, scale=scale, delta_factor=delta_factor, levels=levels)
@@ -176,14 +229,16 @@ def _weight_modules(kind, delta_factor, levels):
     return linear, conv
 
 
-def _activation(kind, threshold):
+def _activation(kind, threshold, step=1.0):
     if kind == "binary":
         return BinaryActivation()
     if kind == "ternary":
         return TernaryActivation(threshold)
+    if kind == "relu":
+        return nn.ReLU()
     if isinstance(kind, str) and kind.startswith("uint") and kind[4:].isdigit():
-        return UintActivation(int(kind[4:]))
-    raise ValueError(f"act must be 'binary', 'ternary' or 'uint<bits>', got {kind!r}")
+        return UintActivation(int(kind[4:]), step)
+    raise ValueError(f"act must be 'binary', 'ternary', 'uint<bits>' or 'relu', got {kind!r}")
 
 
 def _dense_head(net, a, t, trace, drops=None):
@@ -270,6 +325,49 @@ MODELS = {
                         "256-512-512-10; batch norm, the TWN scales and the input normalisation folded "
                         "into integer thresholds; zero weights skipped by the hardware."),
     },
+}
+
+# ShiftCNN (issue 5): the CNV with N=2, B=4 power-of-two weights and 4-bit activations, fine-tuned
+# from the float baseline's checkpoint (ShiftCNN's post-training quantization + STE fine-tuning);
+# float_cifar is that baseline: the same topology with float weights and ReLU activations.
+_CNV_ARGS = {"in_shape": [32, 32, 3], "channels": [64, 64, 128, 128, 256, 256], "pool_after": [1, 3],
+             "kernel": 3, "hidden": [512, 512], "classes": 10, "in_zero": 128, "in_scale": 128,
+             "logit_scale": 0.0625}
+MODELS["float_cifar"] = {
+    "net": "CNV",
+    "dataset": "cifar10",
+    "input_shape": (32, 32, 3),
+    "net_args": _CNV_ARGS | {"scale": False, "weight": "float", "act": "relu"},
+    "epochs": 60,
+    "batch_size": 128,
+    "lr": 0.002,
+    "lr_min": 0.0,
+    "weight_decay": 5e-4,
+    "augment_shift": 4,
+    "augment_flip": True,
+    "description": ("Float baseline of the CNV topology for CIFAR-10 (float weights, batch norm, ReLU; the input "
+                    "normalisation of the quantized CNVs). Not exported: its test accuracy is shift_cifar's "
+                    "float_baseline_accuracy."),
+}
+MODELS["shift_cifar"] = {
+    "net": "CNV",
+    "dataset": "cifar10",
+    "input_shape": (32, 32, 3),
+    "net_args": _CNV_ARGS | {"scale": True, "weight": "pow2", "pow2_terms": 2, "pow2_bits": 4,
+                             "act": "uint4", "act_step": 0.25},
+    "init_from": "float_cifar",      # ShiftCNN: quantize the trained float model, then fine-tune (STE)
+    "float_baseline": "float_cifar",
+    "epochs": 30,
+    "batch_size": 128,
+    "lr": 0.0005,
+    "lr_min": 0.0,
+    "weight_decay": 0.0,
+    "augment_shift": 4,
+    "augment_flip": True,
+    "description": ("ShiftCNN CNV for CIFAR-10: weights are sums of N=2 signed powers of two from B=4-bit "
+                    "codebooks (greedy residual quantization, STE fine-tuning from float_cifar), 4-bit unsigned "
+                    "activations, uint8 RGB input; batch norm, the layer scales max|W|*2^-E and the input "
+                    "normalisation folded into integer thresholds; multiplier-free shift-add hardware."),
 }
 
 # the sparsity sweep of tnn_cifar: a larger TWN threshold factor gives sparser weights

@@ -373,19 +373,24 @@ class TernaryActivation(nn.Module):
 
 
 class UintActivation(nn.Module):
-    """``bits``-bit activation ``sum_{i=1..2^b-1} [y >= i - 1/2]`` in ``0 .. 2^b - 1``; STE
-    where ``-1/2 <= y <= 2^b - 1/2``."""
+    """``bits``-bit activation ``sum_{i=1..2^b-1} [y >= (i - 1/2) * step]`` in ``0 .. 2^b - 1``
+    (round-half-up of ``clamp(y / step, 0, 2^b - 1)``: fixed point with ``step`` the value of
+    one code, ``step = 1`` by default); STE where ``-step/2 <= y <= (2^b - 1/2) * step``. The
+    output is the integer code itself (the next layer's BN absorbs ``step``), exactly what the
+    QMD's ``threshold`` layer with ``2^b - 1`` thresholds produces."""
 
-    def __init__(self, bits=2):
+    def __init__(self, bits=2, step=1.0):
         super().__init__()
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-        self.bits = bits
-        self.levels = tuple(i - 0.5 for i in range(1, 2 ** bits))
+        if not step > 0:
+            raise ValueError(f"step must be positive, got {step!r}")
+        self.bits, self.step = bits, float(step)
+        self.levels = tuple((i - 0.5) * self.step for i in range(1, 2 ** bits))
         self.qmd_out = {"kind": "uint", "bits": bits}
 
     def forward(self, x):
-        return LevelCount.apply(x, self.levels, 0, -0.5, 2 ** self.bits - 0.5)
+        return LevelCount.apply(x, self.levels, 0, -0.5 * self.step, (2 ** self.bits - 0.5) * self.step)
 
 
 # --------------------------------------------------------------------------- power of two (ShiftCNN)

@@ -7,6 +7,14 @@ Running it again resumes where it stopped and follows the same schedule; a finis
 run is left as it is. Adam with a cosine learning-rate schedule (stepped per
 epoch); latent binary weights are clipped to [-1, 1] after each step and get no weight
 decay.
+
+Two recipe keys serve post-training quantization followed by fine-tuning (ShiftCNN):
+``init_from`` names a model whose finished checkpoint (``runs/<init_from>/ckpt.pt``, or
+``init_dir``) initialises a fresh run (every parameter and buffer of the same name and
+shape: the float baseline's weights become the latent weights, its batch norms are kept);
+``inq_schedule`` ``[[epoch, fraction], ...]`` freezes that fraction of every power-of-two
+layer's weights, largest first, at the start of each listed epoch (INQ; fraction 1 at the
+end makes the model integer-exact again).
 """
 
 import argparse
@@ -22,7 +30,7 @@ from tqdm import tqdm
 
 from models.data import load_dataset
 from models.nets import build_model, model_config
-from models.quant import clip_latent_weights
+from models.quant import clip_latent_weights, inq_fraction_at, inq_freeze
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import REPO_ROOT
 
@@ -41,7 +49,23 @@ def _recipe(cfg):
     """The parts of a config that define the training run (compared on resume)."""
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
-        {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit") if cfg.get(k)}
+        {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit", "init_from",
+                             "inq_schedule") if cfg.get(k)}
+
+
+def init_from_checkpoint(model, path):
+    """Copy every parameter and buffer of the checkpoint at ``path`` whose name and shape
+    match into ``model`` (then ``model.init_from_float()``, if it has one: a CNV rescales for
+    its activation step); returns the number of tensors copied (an error if none)."""
+    ck = load_checkpoint(path)
+    own = model.state_dict()
+    take = {k: v for k, v in ck["model"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not take:
+        raise QnnfabError("no parameter of the checkpoint matches the model", where=str(path))
+    model.load_state_dict(take, strict=False)
+    if hasattr(model, "init_from_float"):
+        model.init_from_float()
+    return len(take)
 
 
 def _jsonable(obj):
@@ -143,7 +167,7 @@ def _device(name):
 
 
 def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True,
-          device="cpu"):
+          device="cpu", init_dir=None):
     """Train ``model_name`` (a key of :data:`models.nets.MODELS`) and return a summary dict.
 
     ``epochs`` overrides the recipe's epoch count (it sets the cosine schedule's length).
@@ -153,6 +177,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     ``device`` ("cpu" or "cuda[:N]") is where the model and batches live; data loading,
     augmentation and checkpoints stay on the CPU, so a run may resume on another device
     (bit-identical resumption is promised on the same device only).
+    ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read.
     """
     dev = _device(device)
     torch.set_num_threads(THREADS)
@@ -167,7 +192,13 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     recipe = _jsonable(_recipe(cfg))
 
     torch.manual_seed(seed)
-    model = build_model(cfg).to(dev)
+    model = build_model(cfg)
+    fresh = not (resume and ckpt_path.is_file())
+    if cfg.get("init_from") and fresh:
+        src = Path(init_dir or default_run_dir(cfg["init_from"])) / CKPT
+        n = init_from_checkpoint(model, src)
+        print(f"{model_name}: initialised {n} tensors from {src}", flush=True)
+    model = model.to(dev)
     clip_latent_weights(model)
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
@@ -199,6 +230,10 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     end = cfg["epochs"] if stop_after is None else min(cfg["epochs"], start + stop_after)
     for epoch in range(start, end):
         t0 = time.time()
+        if cfg.get("inq_schedule"):
+            frozen = inq_freeze(model, inq_fraction_at(cfg["inq_schedule"], epoch))
+            if frozen:
+                print(f"{model_name} epoch {epoch + 1}: INQ froze {frozen} more weights", flush=True)
         model.train()
         # the shuffle depends only on (seed, epoch), so a resumed run sees the same batches
         perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
@@ -255,10 +290,12 @@ def main(argv=None):
     p.add_argument("--run-dir", default=None, help="checkpoint directory (default: runs/<model>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--init-dir", default=None, help="run directory of the recipe's init_from model "
+                                                     "(default: runs/<init_from>)")
     args = p.parse_args(argv)
     try:
         s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
-                  run_dir=args.run_dir, progress=not args.no_progress, device=args.device)
+                  run_dir=args.run_dir, progress=not args.no_progress, device=args.device, init_dir=args.init_dir)
     except QnnfabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -126,12 +126,30 @@ def cmd_eval(args):
     acc = accuracy(qmd, images, labels)
     rep = {"model": qmd.name, "dataset": qmd.dataset, "test_images": len(images), "integer_accuracy": acc,
            "qat_accuracy": qmd.provenance.get("qat_accuracy")}
+    rep.update(_float_baseline(qmd, images, labels, acc))
     out = build_dir(qmd.name)
     write_json(out / "eval.json", rep)
     qat = rep["qat_accuracy"]
     print(f"{qmd.name}: integer reference accuracy {100 * acc:.2f}% on {len(images)} test images"
           + (f"; QAT model at export {100 * qat:.2f}%" if qat is not None else ""))
     print(f"wrote {out / 'eval.json'}")
+
+
+def _float_baseline(qmd, images, labels, integer_accuracy):
+    """``float_baseline_accuracy`` of a model whose export names a float baseline (shift_cifar:
+    float_cifar): measured now on the same test images from the baseline's checkpoint when it is
+    there, else the figure measured at export (provenance); {} for models without one."""
+    fb = qmd.provenance.get("float_baseline")
+    if not isinstance(fb, dict) or not fb.get("model"):
+        return {}
+    from models.export import measure_float_baseline
+    now = measure_float_baseline(fb["model"], images, labels)
+    acc, when = (now["accuracy"], "now") if now["accuracy"] is not None else (fb.get("accuracy"), "at export")
+    out = {"float_baseline": fb["model"], "float_baseline_accuracy": acc,
+           "float_baseline_measured": when if acc is not None else None}
+    if acc is not None:
+        out["integer_minus_float_baseline_points"] = round(100 * (integer_accuracy - acc), 2)
+    return out
 
 
 def cmd_synth(args):
