@@ -34,15 +34,17 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.arith import bits_for, sum_tree, to_ge_thresholds
-from hw.mvtu import MVTU, _check_fold
+from hw.mvtu import MVTU, _check_fold, pipelined_sum_stages
 
-COST_VERSION = 1        # bump when the engines or the measurement change: invalidates the cache
+COST_VERSION = 2        # bump when the engines or the measurement change: invalidates the cache
 
 
 class MulMVTU(MVTU):
     """Integer-weight MAC matrix-vector(-threshold) unit: ``dot[m] = sum_n W[m,n] * x[n]`` with
     multipliers (Amaranth ``*``); otherwise :class:`hw.mvtu.MVTU` (same streams, folding,
-    pipeline, thresholds). For the comparison of :mod:`boards.shift_cost` only.
+    pipeline, thresholds), with the shift engine's pipelined adder tree (a register after the
+    products and after every adder level) when ``pipelined``. For the comparison of
+    :mod:`boards.shift_cost` only.
 
     ``weights`` int [M, N] in the range of ``signed(weight_bits)``; ``in_shape``, ``in_offset``,
     ``in_range`` as for the MVTU's add/subtract datapath."""
@@ -50,7 +52,7 @@ class MulMVTU(MVTU):
     datapath = "mul"
 
     def __init__(self, weights, *, weight_bits, pe, simd, thresholds=None, direction=None, in_shape=unsigned(8),
-                 in_offset=0, in_range=None, in_scale=1):
+                 in_offset=0, in_range=None, in_scale=1, pipelined=True):
         w = np.asarray(weights, dtype=np.int64)
         if w.ndim != 2:
             raise ValueError("weights must be a 2-D integer array")
@@ -88,6 +90,8 @@ class MulMVTU(MVTU):
             self.n_thresholds = 0
             out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
         self.out_elem = out_elem
+        self.pipelined = bool(pipelined)
+        self.partial_stages = pipelined_sum_stages(simd) if self.pipelined else 0
         wiring.Component.__init__(self, {
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
@@ -114,7 +118,8 @@ class MulMVTU(MVTU):
 
     def _partial(self, m, p, elems, wbits):
         b = self._wbits
-        return sum_tree([e * wbits[k * b:(k + 1) * b].as_signed() for k, e in enumerate(elems)])
+        products = [e * wbits[k * b:(k + 1) * b].as_signed() for k, e in enumerate(elems)]
+        return self._pipelined_sum(m, products, f"pe{p}") if self.pipelined else sum_tree(products)
 
 
 def multiplier_twin(shift):
@@ -126,7 +131,7 @@ def multiplier_twin(shift):
         # the shift engine keeps >= thresholds with invert flags; hand the twin the same comparisons
         thr = np.asarray(shift.ge, dtype=np.int64)
         direction = np.ones(shift.m, dtype=np.int64)
-    twin = MulMVTU(shift.weights, weight_bits=wbits, pe=shift.pe, simd=shift.simd, thresholds=thr,
+    twin = MulMVTU(shift.weights, weight_bits=wbits, pipelined=shift.pipelined, pe=shift.pe, simd=shift.simd, thresholds=thr,
                    direction=direction, in_shape=shift.in_shape, in_offset=shift.in_code[1], in_range=shift.in_range,
                    in_scale=shift.in_code[0])
     if shift.n_thresholds:

@@ -45,6 +45,11 @@ def _shape_range(shape):
     return (-(1 << (shape.width - 1)), (1 << (shape.width - 1)) - 1) if shape.signed else (0, (1 << shape.width) - 1)
 
 
+def pipelined_sum_stages(n_terms):
+    """Register stages of :meth:`MVTU._pipelined_sum` over ``n_terms`` addends."""
+    return 1 + (n_terms - 1).bit_length()
+
+
 def _check_fold(name, total, par, what):
     if not isinstance(par, int) or par < 1:
         raise ValueError(f"{what} must be a positive integer, got {par!r}")
@@ -151,6 +156,28 @@ class MVTU(wiring.Component):
     # -- datapath hooks (a subclass with another weight encoding overrides these) -----------
 
     weight_bits = 1            # weight memory bits per (PE, SIMD lane)
+    partial_stages = 0         # register stages inside _partial (a pipelined datapath)
+
+    def _register(self, m, value, name):
+        """``value`` one pipeline stage later (a register that moves with the whole pipeline)."""
+        r = Signal(value.shape(), name=name)
+        with m.If(self._advance):
+            m.d.sync += r.eq(value)
+        return r
+
+    def _pipelined_sum(self, m, terms, tag):
+        """The sum of ``terms`` through a register after the terms and after every adder level
+        (``1 + ceil(log2(len(terms)))`` stages, :func:`pipelined_sum_stages`): every adder is a
+        two-input carry chain."""
+        terms = [self._register(m, v, f"{tag}_t{i}") for i, v in enumerate(terms)]
+        level = 0
+        while len(terms) > 1:
+            nxt = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+            if len(terms) % 2:
+                nxt.append(terms[-1])
+            terms = [self._register(m, v, f"{tag}_l{level}_{i}") for i, v in enumerate(nxt)]
+            level += 1
+        return terms[0]
 
     def _inputs(self, m, data):
         """What every PE shares of one input beat ``data`` (``SIMD`` raw codes): the raw bits
@@ -221,7 +248,14 @@ class MVTU(wiring.Component):
             in_rd.en.eq(advance),
         ]
         if self.n_thresholds:
-            m.d.comb += [t_rd.addr.eq(nf_a), t_rd.en.eq(advance)]
+            # read when the beat's partial sum leaves the datapath's pipeline (partial_stages later)
+            nf_t = nf_a
+            for k in range(self.partial_stages):
+                nf_d = Signal.like(nf_a, name=f"nf_d{k}")
+                with m.If(advance):
+                    m.d.sync += nf_d.eq(nf_t)
+                nf_t = nf_d
+            m.d.comb += [t_rd.addr.eq(nf_t), t_rd.en.eq(advance)]
         with m.If(advance & valid_a):
             m.d.sync += waddr.eq(Mux(waddr == nf * sf - 1, 0, waddr + 1))
             with m.If(sf_a == sf - 1):
@@ -237,6 +271,12 @@ class MVTU(wiring.Component):
         valid_b, first_b, last_b = Signal(), Signal(), Signal()
         with m.If(advance):
             m.d.sync += [valid_b.eq(valid_a), first_b.eq(sf_a == 0), last_b.eq(sf_a == sf - 1)]
+        for k in range(self.partial_stages):     # the flags follow the beat through the datapath's registers
+            flags = [Signal(name=f"{n}_d{k}") for n in ("valid_b", "first_b", "last_b")]
+            with m.If(advance):
+                m.d.sync += [f.eq(v) for f, v in zip(flags, (valid_b, first_b, last_b))]
+            valid_b, first_b, last_b = flags
+        self._advance = advance
         acc = [Signal(self.acc_shape, name=f"acc{p}") for p in range(pe)]
         total = [Signal(self.acc_shape, name=f"total{p}") for p in range(pe)]
         shared = self._inputs(m, in_rd.data)

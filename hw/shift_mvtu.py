@@ -12,8 +12,9 @@ of met thresholds) or emits them as signed integers (the logits). No multipliers
 * **Shared shifted copies.** Every input element of a beat is decoded once
   (``value = scale*code + offset``; a power-of-two ``scale`` is a shift) and its shifted
   copies ``x << s``, ``s = 0..E``, are formed once (wiring) and shared by all PEs.
-* **Term select.** Each weight term selects one copy by its codebook index (a mux over the
-  ``2^(B-1) - 1`` copies its codebook reaches, index 0 selecting the constant 0), and a
+* **Term select.** Each weight term selects one copy by its codebook index (a mux tree over
+  the ``2^(B-1) - 1`` copies its codebook reaches, one level per index bit, index 0
+  selecting the constant 0), and a
   negative term contributes the one's complement ``~copy``; the PE's adder tree adds the
   count of negative terms once (``-v = ~v + 1``), so a zero term adds nothing and a sign
   costs an XOR. For unsigned inputs the complement is taken within the term's copy width
@@ -22,6 +23,11 @@ of met thresholds) or emits them as signed integers (the logits). No multipliers
 * **Accumulator widths** come from the codebooks and the fan-in: the largest weight any
   code can make is ``sum_t 2^(E-t)``, so ``|dot| <= N * max|x| * sum_t 2^(E-t)``, and the
   accumulator holds that (no overflow for any weights of these codebooks).
+
+* **Pipelined adder tree** (default): a register after the term select and after every
+  adder level (``1 + ceil(log2(terms))`` stages of latency, no cycle of throughput): every
+  adder is then a two-input carry chain, where Yosys would otherwise merge the whole tree
+  into one multi-operand adder of LUT full adders (about 3x the LUTs on ECP5).
 
 Everything else is :class:`hw.mvtu.MVTU`'s (this class overrides its datapath hooks): the
 double-buffered input vector, weights in one ``lib.memory`` of depth ``NF*SF`` (word
@@ -37,12 +43,12 @@ Stream interface (identical to :class:`hw.mvtu.MVTU`)
 """
 
 import numpy as np
-from amaranth.hdl import Array, Cat, Const, Mux, Shape, signed, unsigned
+from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.arith import bits_for, popcount, sum_tree, to_ge_thresholds
-from hw.mvtu import MVTU, _check_fold
+from hw.mvtu import MVTU, _check_fold, pipelined_sum_stages
 from models.qmd import POW2_CODE_BITS, POW2_EXPONENT_MAX, POW2_TERMS, pow2_codebook_max, pow2_decode
 
 
@@ -61,12 +67,14 @@ class ShiftMVTU(MVTU):
     in_code : ``(scale, offset)``: code ``r`` stands for ``scale*r + offset``; ``scale`` a power
         of two (a shift: binary ``(2, -1)``, ternary ``(1, -1)``, integers ``(1, 0)``)
     in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
+    pipelined : register the term select and every adder level (default; fewer LUTs in Yosys'
+        mapping, ``partial_stages`` cycles more latency, the same throughput)
     """
 
     datapath = "shift"
 
     def __init__(self, codes, *, code_bits, exponent_offset, pe, simd, thresholds=None, direction=None,
-                 in_shape=unsigned(8), in_code=(1, 0), in_range=None):
+                 in_shape=unsigned(8), in_code=(1, 0), in_range=None, pipelined=True):
         for name, v, (lo, hi) in (("code_bits", code_bits, POW2_CODE_BITS),
                                   ("exponent_offset", exponent_offset, (0, POW2_EXPONENT_MAX))):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -133,6 +141,9 @@ class ShiftMVTU(MVTU):
             self.n_thresholds = 0
             out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
         self.out_elem = out_elem
+        self.pipelined = bool(pipelined)
+        # a register after the term select and after each level of the adder tree
+        self.partial_stages = pipelined_sum_stages(self._n_terms()) if self.pipelined else 0
         wiring.Component.__init__(self, {
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
@@ -182,20 +193,25 @@ class ShiftMVTU(MVTU):
         return copies
 
     def _select(self, copies, k, t, j):
-        """The copy index ``j`` of term ``t`` selects for element ``k`` (index 0: the constant 0)."""
+        """The copy index ``j`` of term ``t`` selects for element ``k`` (index 0: the constant 0):
+        a tree of two-way muxes over the shared copies, one level per index bit (18% fewer LUTs
+        in Yosys' ECP5 mapping than one flat many-way mux)."""
         top = (1 << (self.code_bits - 1)) - 1
         options = [Const(0, 1)] + [copies[k][s] if (s := self.shift_of(t, jj)) is not None else Const(0, 1)
                                    for jj in range(1, top + 1)]
-        return Array(options)[j]
+        for bit in range(self.code_bits - 1):
+            options = [Mux(j[bit], options[2 * i + 1], options[2 * i]) for i in range(len(options) // 2)]
+        return options[0]
 
-    def _partial(self, m, p, copies, wbits):
-        """PE ``p``'s beat: per element and term, the copy its index selects, complemented if the
-        term is negative, summed with the count of negative terms (``-v = ~v + 1``).
+    def _terms(self, m, p, copies, wbits):
+        """PE ``p``'s addends of one beat: per element and term the copy its index selects,
+        complemented if the term is negative, and the corrections that complete the negations.
 
         Unsigned inputs: the complement stays within each term's copy width ``W_t`` (no sign
         extension through the adder tree): ``-v = (2^W_t - 1 - v) + 1 - 2^W_t``, so term ``t``'s
         lanes add to ``sum(u) + c_t - c_t * 2^W_t`` with ``c_t`` its count of negative terms.
-        Signed inputs: the copies are sign-extended by one bit and complemented in full."""
+        Signed inputs: the copies are sign-extended by one bit, complemented in full, and the
+        count of negative terms added once."""
         b = self.code_bits
         fields = [[wbits[(k * self.terms + t) * b:(k * self.terms + t + 1) * b] for t in range(self.terms)]
                   for k in range(self.simd)]
@@ -208,8 +224,8 @@ class ShiftMVTU(MVTU):
                     ext = sel if sel.shape().signed else Cat(sel, Const(0, 1)).as_signed()
                     vals.append(Mux(neg, ~ext, ext))
                     negs.append(neg)
-            return sum_tree(vals + [popcount(Cat(*negs))])
-        parts = []
+            return vals + [popcount(Cat(*negs))]
+        vals, corrections = [], []
         for t in range(self.terms):
             us, negs = [], []
             for k in range(self.simd):
@@ -218,7 +234,18 @@ class ShiftMVTU(MVTU):
                 us.append(Mux(neg, ~sel, sel))
                 negs.append(neg)
             width = max(len(u) for u in us)
-            us = [Cat(u, Const(0, width - len(u))) if len(u) < width else u for u in us]
+            vals += [Cat(u, Const(0, width - len(u))) if len(u) < width else u for u in us]
             count = Cat(popcount(Cat(*negs)), Const(0, 1)).as_signed()
-            parts.append(Cat(sum_tree(us), Const(0, 1)).as_signed() + count - (count << width))
-        return sum_tree(parts)
+            corrections.append(count - (count << width))
+        return vals + corrections
+
+    def _n_terms(self):
+        return self.simd * self.terms + (1 if self.in_range[0] < 0 else self.terms)
+
+    def _partial(self, m, p, copies, wbits):
+        """PE ``p``'s beat: the adder tree over :meth:`_terms`. Pipelined (the default): a register
+        after the term select and after every adder level, so every adder is a two-input carry
+        chain (Yosys merges a combinational tree into one multi-operand adder of LUT full adders,
+        about 3x the LUTs); :attr:`partial_stages` registers of latency, no cycle of throughput."""
+        terms = self._terms(m, p, copies, wbits)
+        return self._pipelined_sum(m, terms, f"pe{p}") if self.pipelined else sum_tree(terms)

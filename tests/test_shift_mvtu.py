@@ -68,10 +68,10 @@ def _random_thresholds(rng, dots, count):
     return thr, direction
 
 
-def _run(codes, code_bits, e, x, pe, simd, kind, thr=None, direction=None, stall=0.0, seed=0):
+def _run(codes, code_bits, e, x, pe, simd, kind, thr=None, direction=None, stall=0.0, seed=0, pipelined=True):
     shape, code, rng_ = INPUTS[kind]
     dut = ShiftMVTU(codes, code_bits=code_bits, exponent_offset=e, pe=pe, simd=simd, thresholds=thr,
-                    direction=direction, in_shape=shape, in_code=code, in_range=rng_)
+                    direction=direction, in_shape=shape, in_code=code, in_range=rng_, pipelined=pipelined)
     raw = (x - code[1]) // code[0]
     m, _, n = codes.shape
     beats = [pack(v[s * simd:(s + 1) * simd], shape.width) for v in raw for s in range(n // simd)]
@@ -96,8 +96,10 @@ def test_random_codes_inputs_thresholds_and_stalls(seed):
     assert np.array_equal(dots, x @ pow2_decode(codes, code_bits, e).T)      # the spec's two forms agree
     count = int(rng.choice([0, 1, 3, 15]))
     thr, direction = _random_thresholds(rng, dots, count) if count else (None, None)
-    got, _, dut = _run(codes, code_bits, e, x, pe, simd, kind, thr, direction, stall=0.3, seed=seed)
+    got, _, dut = _run(codes, code_bits, e, x, pe, simd, kind, thr, direction, stall=0.3, seed=seed,
+                       pipelined=seed % 4 != 3)
     assert np.array_equal(got, _thresholded(dots, thr, direction)), (kind, terms, code_bits, e)
+    assert dut.partial_stages == (0 if seed % 4 == 3 else 1 + (dut._n_terms() - 1).bit_length())
 
 
 @pytest.mark.parametrize("kind", ["uint8", "int8", "uint4"])
