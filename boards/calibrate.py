@@ -1,8 +1,9 @@
 """Calibrate the analytic resource model (:mod:`hw.resource_model`) against Yosys.
 
 ``python -m boards.calibrate [--families ecp5 ice40]`` synthesizes every engine of a fixed
-corpus of designs on its own (the shipped bnn_mnist under three foldings and two random
-CNV-like binary CNNs with 8-bit first layers, max-pools and dense heads), fits per engine
+corpus of designs on its own (the shipped bnn_mnist under three foldings, two random
+CNV-like binary CNNs with 8-bit first layers, max-pools and dense heads, and a random
+ShiftCNN CNN with N=2, B=4 power-of-two weights and 4-bit activations), fits per engine
 and family ``actual = a * model + b`` for LUTs and flip-flops (least squares; a scale
 factor alone where an engine has fewer than three points), and writes
 ``hw/calibration.json`` (factors, residuals, the Yosys version) plus
@@ -27,7 +28,7 @@ def corpus(tmp):
     """``[(design name, qmd, folding)]`` the calibration synthesizes."""
     from hw.folding import load_folding
     from models.qmd import load_qmd
-    from models.synthetic import random_binary_cnn
+    from models.synthetic import random_binary_cnn, random_pow2_cnn
     mnist = load_qmd(ZOO_DIR / "bnn_mnist")
     designs = [("bnn_mnist", mnist, load_folding(ZOO_DIR / "bnn_mnist" / "folding.json", mnist)),
                ("bnn_mnist_narrow", mnist, {"fc0": {"pe": 4, "simd": 16}, "fc1": {"pe": 2, "simd": 32},
@@ -44,6 +45,10 @@ def corpus(tmp):
                               convs=((16, 3, 1, 1, True), (48, 3, 1, 0, False), (64, 3, 2, 1, False)))
     designs.append(("cnn_b", cnn_b, {"conv0": {"pe": 16, "simd": 3}, "conv1": {"pe": 2, "simd": 8},
                                      "conv2": {"pe": 16, "simd": 48}, "fc": {"pe": 5, "simd": 16}}))
+    shift = random_pow2_cnn(Path(tmp) / "shift_a", input_shape=(12, 12, 3), seed=3, classes=10, name="shift_a",
+                            convs=((16, 3, 1, 0, True), (32, 3, 1, 0, False), (32, 3, 1, 0, False)), act="uint4")
+    designs.append(("shift_a", shift, {"conv0": {"pe": 4, "simd": 3}, "conv1": {"pe": 8, "simd": 8},
+                                       "conv2": {"pe": 4, "simd": 16}, "fc": {"pe": 2, "simd": 16}}))
     return designs
 
 

@@ -65,7 +65,7 @@ class Stage:
 
 def code_shape(act):
     """Shape of an element's hardware code (binary and ternary codes are unsigned)."""
-    if act.kind in ("binary", "ternary"):
+    if act.kind in ("binary", "ternary", "sint"):
         return unsigned(act.bits)
     return unsigned(act.bits) if act.lo >= 0 else signed(act.bits)
 
@@ -87,6 +87,9 @@ def plan_network(qmd, folding):
         nxt = layers[i + 1] if i + 1 < len(layers) else None
         elems = int(np.prod(layer.out_shape)) if layer.out_shape else 1
         if layer.kind == "threshold":
+            if layer.in_act.code != (1, 0):
+                _unsupported(qmd, layer, f"the threshold unit compares integer values, not {layer.in_act.kind} codes; "
+                             "a threshold must follow the input or a dense/conv2d layer")
             stages.append(Stage(layer.name, "threshold_unit", [layer], None, None, elems,
                                 unsigned(bits_for(len(layer.arrays["thresholds"][0]))), layer.out_act))
             i += 1
@@ -147,8 +150,8 @@ def plan_network(qmd, folding):
             i += len(fused)
         elif layer.kind == "maxpool":
             prev = stages[-1] if stages else None
-            if prev is None or layer.in_act.kind not in ("binary", "ternary", "uint"):
-                _unsupported(qmd, layer, "max-pool needs binary, ternary or unsigned activations from a previous stage")
+            if prev is None or layer.in_act.kind not in ("binary", "ternary", "uint", "sint"):
+                _unsupported(qmd, layer, "max-pool needs binary, ternary, uint or sint activations from a previous stage")
             if layer.attrs["stride"] != layer.attrs["kernel"]:
                 _unsupported(qmd, layer, "the max-pool engine supports stride == kernel only")
             h, w, c = layer.in_shape

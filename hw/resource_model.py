@@ -96,10 +96,12 @@ def logic_features(s):
         m, n, in_bits, acc, n_thr, widths = _shift_params(s)
         folds = bits_for(m * n // (s.pe * s.simd))
         b = s.params["code_bits"]
-        # per lane and term a (2^(B-1))-way mux of its copy width, the complement and its share of
-        # the adder tree (about (2B + 2) LUTs a bit in Yosys' ECP5 mapping); per PE as the MVTU
-        luts = s.pe * s.simd * sum(w * (2 * b + 2) for w in widths) + s.pe * acc * (2 + n_thr) + 4 * folds
-        ffs = s.pe * (acc + s.out_shape.width) + s.simd * in_bits + 3 * folds
+        # per lane and term a mux tree of B-1 levels over its copy width, the complement and its
+        # share of the pipelined adder tree (about B + 1 LUTs and 3 FFs a bit in Yosys' ECP5
+        # mapping of a PE 4 x SIMD 8 engine); per PE as the MVTU
+        luts = s.pe * s.simd * sum(w * (b + 1) for w in widths) + s.pe * acc * (2 + n_thr) + 4 * folds
+        ffs = s.pe * s.simd * sum(3 * w for w in widths) + s.pe * (acc + s.out_shape.width) + s.simd * in_bits \
+            + 3 * folds
         return luts, ffs
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)

@@ -258,6 +258,8 @@ def _act_range(act):
         return -1, 1
     if kind == "ternary":
         return -1, 1
+    if kind == "sint":
+        return -(2 ** (act.qmd_out["bits"] - 1)), 2 ** (act.qmd_out["bits"] - 1) - 1
     return 0, 2 ** act.qmd_out["bits"] - 1
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.quant import (BinaryActivation, BinaryConv2d, BinaryLinear, Pow2Conv2d, Pow2Linear, TernaryActivation,
-                          TernaryConv2d, TernaryLinear, UintActivation)
+from models.quant import (BinaryActivation, BinaryConv2d, BinaryLinear, Pow2Conv2d, Pow2Linear, SintActivation,
+                          TernaryActivation, TernaryConv2d, TernaryLinear, UintActivation)
 from qnnfab.errors import QnnfabError
 
 
@@ -92,7 +92,8 @@ class CNV(nn.Module):
     ``1..ttq_levels``; ``pow2``: ShiftCNN weights, ``pow2_terms`` codebooks of ``pow2_bits``
     bits; ``float``: plain float weights, the float baseline) and ``act`` (``binary``,
     ``ternary`` — TNN's two thresholds at ``+-act_threshold`` — ``uint<b>``, e.g. ``uint2``,
-    with ``act_step`` the value of one code, or ``relu`` for the float baseline); the first
+    or signed ``int<b>``, with ``act_step`` the value of one code, or ``relu`` for the float
+    baseline); the first
     layer always sees the 8-bit pixels and the last layer's weights are of the same kind,
     without ``alpha``. Float baselines (``weight="float"``) train like the others but have no
     integer export.
@@ -238,7 +239,9 @@ def _activation(kind, threshold, step=1.0):
         return nn.ReLU()
     if isinstance(kind, str) and kind.startswith("uint") and kind[4:].isdigit():
         return UintActivation(int(kind[4:]), step)
-    raise ValueError(f"act must be 'binary', 'ternary', 'uint<bits>' or 'relu', got {kind!r}")
+    if isinstance(kind, str) and kind.startswith("int") and kind[3:].isdigit():
+        return SintActivation(int(kind[3:]), step)
+    raise ValueError(f"act must be 'binary', 'ternary', 'uint<bits>', 'int<bits>' or 'relu', got {kind!r}")
 
 
 def _dense_head(net, a, t, trace, drops=None):

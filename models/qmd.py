@@ -38,12 +38,13 @@ POW2_EXPONENT_MAX = 24      # largest pow2 exponent_offset E (weights up to ~2^2
 class Act:
     """How a tensor's integers are encoded: ``binary`` (values -1/+1, one bit each,
     bit 1 = +1), ``ternary`` (values -1/0/+1, two bits holding ``value + 1``), ``uint``
-    (0 .. 2^bits-1) or ``int`` (accumulators, two's complement).
+    (0 .. 2^bits-1), ``sint`` (signed n-bit activations -2^(bits-1) .. 2^(bits-1)-1, stored
+    offset-binary: ``value + 2^(bits-1)``) or ``int`` (accumulators, two's complement).
 
     The hardware stores a value ``v`` as the unsigned (``int``: two's complement) code
     ``r`` with ``v = scale*r + offset`` (:attr:`code`): binary ``(2, -1)``, ternary
-    ``(1, -1)``, the others ``(1, 0)``. A threshold stage's output code is the number of
-    met thresholds in every case."""
+    ``(1, -1)``, sint ``(1, -2^(bits-1))``, the others ``(1, 0)``. A threshold stage's output
+    code is the number of met thresholds in every case."""
 
     kind: str
     bits: int
@@ -63,6 +64,10 @@ class Act:
         return Act("uint", bits, 0, 2**bits - 1)
 
     @staticmethod
+    def sint(bits):
+        return Act("sint", bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+    @staticmethod
     def int_range(lo, hi):
         bits = max(int(lo).bit_length(), int(hi).bit_length()) + 1
         bits = max(bits, 1)
@@ -74,6 +79,8 @@ class Act:
     @property
     def code(self):
         """``(scale, offset)`` of the hardware encoding: value = scale * code + offset."""
+        if self.kind == "sint":
+            return (1, -(2 ** (self.bits - 1)))
         return {"binary": (2, -1), "ternary": (1, -1)}.get(self.kind, (1, 0))
 
     @property
@@ -236,7 +243,12 @@ def _act_from_json(obj, where, layer, fld):
         return Act.uint(bits)
     if obj["kind"] == "ternary":
         return Act.ternary()
-    raise QnnfabError(f"unsupported activation kind {obj['kind']!r} (supported: binary, ternary, uint)",
+    if obj["kind"] == "sint":
+        bits = obj.get("bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+            raise QnnfabError(f"'bits' must be an integer in 2..8, got {bits!r}", where=where(layer, fld))
+        return Act.sint(bits)
+    raise QnnfabError(f"unsupported activation kind {obj['kind']!r} (supported: binary, ternary, uint, sint)",
                       where=where(layer, fld))
 
 

@@ -30,6 +30,8 @@ with a per-channel float scale, so the exported integer model computes the same)
   common ``alpha = g * max(Wp, Wn) / levels``, which export folds into the thresholds.
 * :class:`TernaryActivation` — TNN's ternary activation: ``[y >= -t] + [y >= t] - 1``
   in {-1, 0, +1} (two thresholds per channel after BN folding); STE where ``|y| <= 1``.
+* :class:`SintActivation` — signed ``b``-bit activation, ``clamp(round(y/step))`` in
+  ``-2^(b-1) .. 2^(b-1) - 1``; STE inside the range.
 * :class:`UintActivation` — ``b``-bit activation ``sum_i [y >= i - 1/2]`` in
   ``0 .. 2^b - 1`` (round-half-up of ``clamp(y, 0, 2^b - 1)``); STE inside the range.
 
@@ -391,6 +393,27 @@ class UintActivation(nn.Module):
 
     def forward(self, x):
         return LevelCount.apply(x, self.levels, 0, -0.5 * self.step, (2 ** self.bits - 0.5) * self.step)
+
+
+class SintActivation(nn.Module):
+    """Signed ``bits``-bit activation: ``clamp(round(y / step), -2^(b-1), 2^(b-1) - 1)`` (round
+    half up) as ``-2^(b-1) + sum_i [y >= (i - 2^(b-1) + 1/2) * step]`` over ``2^b - 1`` levels;
+    STE inside the range. The QMD's ``threshold`` with ``out`` ``{"kind": "sint", "bits": b}``."""
+
+    def __init__(self, bits=4, step=1.0):
+        super().__init__()
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+        if not step > 0:
+            raise ValueError(f"step must be positive, got {step!r}")
+        self.bits, self.step = bits, float(step)
+        half = 2 ** (bits - 1)
+        self.levels = tuple((i - half + 0.5) * self.step for i in range(2 ** bits - 1))
+        self.qmd_out = {"kind": "sint", "bits": bits}
+
+    def forward(self, x):
+        half = 2 ** (self.bits - 1)
+        return LevelCount.apply(x, self.levels, -half, (-half - 0.5) * self.step, (half - 0.5) * self.step)
 
 
 # --------------------------------------------------------------------------- power of two (ShiftCNN)

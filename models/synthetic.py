@@ -112,7 +112,19 @@ def random_multi_thresholds(rng, w, lo, hi, count):
 
 
 def _act_json(act):
-    return {"kind": "ternary"} if act == "ternary" else {"kind": "uint", "bits": int(act[4:])}
+    if act == "ternary":
+        return {"kind": "ternary"}
+    if act.startswith("sint"):
+        return {"kind": "sint", "bits": int(act[4:])}
+    return {"kind": "uint", "bits": int(act[4:])}
+
+
+def _act(act):
+    """The :class:`models.qmd.Act` of an activation name: ``ternary``, ``uint<b>``, ``sint<b>``."""
+    from models.qmd import Act
+    if act == "ternary":
+        return Act.ternary()
+    return Act.sint(int(act[4:])) if act.startswith("sint") else Act.uint(int(act[4:]))
 
 
 def _int_weights(spec):
@@ -228,11 +240,10 @@ def random_pow2_mlp(directory, sizes, *, pow2=(2, 4, 7), act="uint4", input_shap
     """Write a QMD ``dense(uint8 x pow2) -> threshold (n-bit) -> dense(pow2) ... -> dense -> argmax``.
 
     ``pow2`` = ``(terms N, code_bits B, exponent_offset E)``; ``act`` the hidden activation
-    (``uint<b>`` or ``ternary``)."""
-    from models.qmd import Act
+    (``uint<b>``, ``sint<b>`` or ``ternary``)."""
     rng = np.random.default_rng(seed)
     input_shape = list(input_shape or [sizes[0]])
-    out_act = Act.ternary() if act == "ternary" else Act.uint(int(act[4:]))
+    out_act = _act(act)
     layers, lo, hi = [], 0, 255
     for k, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
         spec, wq = _pow2_spec(f"fc{k}", "dense", rng, m, n, pow2, in_features=n, out_features=m)
@@ -250,9 +261,8 @@ def random_pow2_cnn(directory, *, input_shape=(8, 8, 3), convs=((4, 3, 1, 1, Tru
     """Write a QMD ``conv2d(uint8 x pow2) -> threshold (n-bit) [-> maxpool] -> conv2d(pow2) ... ->
     dense(pow2) -> argmax``; ``convs`` as for :func:`random_binary_cnn`, ``pow2`` as for
     :func:`random_pow2_mlp`."""
-    from models.qmd import Act
     rng = np.random.default_rng(seed)
-    out_act = Act.ternary() if act == "ternary" else Act.uint(int(act[4:]))
+    out_act = _act(act)
     h, w, c = input_shape
     layers, lo, hi = [], 0, 255
     for k, (cout, ks, stride, pad, pool) in enumerate(convs):

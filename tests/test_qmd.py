@@ -170,7 +170,7 @@ TERNARY_CASES = [
                                    "fc0_act.direction": np.ones(8, np.int8)}),
      "layer 'fc0_act' field 'thresholds': thresholds of channel 0 must be sorted"),
     ("manifest", lambda m: _layer(m, "fc0_act").update(out={"kind": "quaternary"}),
-     "layer 'fc0_act' field 'out': unsupported activation kind 'quaternary' (supported: binary, ternary, uint)"),
+     "layer 'fc0_act' field 'out': unsupported activation kind 'quaternary' (supported: binary, ternary, uint, sint)"),
     ("manifest", lambda m: _layer(m, "fc1").update(weight="binary"),
      "layer 'fc1' field 'weights': array 'fc1.weights' has shape (4, 2, 1), expected (4, 1)"),
 ]
@@ -305,3 +305,25 @@ def test_pow2_term_finer_than_the_exponent_offset_is_rejected(pow2_dir):
     with pytest.raises(QnnfabError, match="layer 'fc0' field 'weights': row 2, term 1, fan-in index 4: code 7 "
                                           "stands for 2\\^-7, finer than exponent_offset=6 resolves"):
         load_qmd(pow2_dir)
+
+
+def test_signed_nbit_activation_threshold(tmp_path):
+    """``sint`` outputs: count - 2^(b-1), stored as the count (offset binary); bits 2..8."""
+    from models.reference import ReferenceModel
+    q = random_pow2_mlp(tmp_path, [6, 5, 3], act="sint3", seed=1)
+    act = q.layer("fc0_act")
+    assert (act.out_act.kind, act.out_act.lo, act.out_act.hi, act.out_act.code) == ("sint", -4, 3, (1, -4))
+    assert act.arrays["thresholds"].shape == (5, 7)
+    x = np.random.default_rng(0).integers(0, 256, (4, 6))
+    t = ReferenceModel(q).trace(x)
+    dot = t["fc0"].numpy()
+    thr, d = act.arrays["thresholds"], act.arrays["direction"]
+    met = np.where(d[None, :, None] > 0, dot[:, :, None] >= thr[None], dot[:, :, None] <= thr[None])
+    assert np.array_equal(t["fc0_act"].numpy(), met.sum(-1) - 4)
+    assert np.array_equal(act.out_act.encode(t["fc0_act"].numpy()), met.sum(-1))
+    # the next layer's range is derived over -4..3
+    w = q.layer("fc1").int_weights
+    assert q.layer("fc1").out_act.hi == int(np.maximum(w * -4, w * 3).sum(1).max())
+    _edit_manifest(tmp_path, lambda m: _layer(m, "fc0_act").update(out={"kind": "sint", "bits": 1}))
+    with pytest.raises(QnnfabError, match="layer 'fc0_act' field 'out': 'bits' must be an integer in 2..8, got 1"):
+        load_qmd(tmp_path)

@@ -14,7 +14,7 @@ from models.data import load_dataset
 from models.export import export, float_model_trace, qmd_layers, reference_predictions
 from models.nets import CNV, build_model, model_config
 from models.qmd import load_qmd, pow2_decode, save_qmd
-from models.quant import Pow2Conv2d, Pow2Linear, UintActivation, inq_freeze
+from models.quant import Pow2Conv2d, Pow2Linear, SintActivation, UintActivation, inq_freeze
 from models.reference import ReferenceModel
 from models.train import load_checkpoint, train
 from qnnfab.errors import QnnfabError
@@ -118,6 +118,28 @@ def test_inq_trained_layers_export_exactly(tmp_path, cifar_test):
     inq_freeze(model, 1.0)
     qmd = save_qmd(tmp_path / "inq", "inq", (32, 32, 3), "uint8", qmd_layers(model, CFG))
     _check_equal(qmd, model, images)
+
+
+def test_signed_activations_export_exactly(tmp_path, cifar_test):
+    torch.manual_seed(6)
+    images = cifar_test[0][60:72]
+    model = _calibrated(CNV(**(SMALL | {"act": "int4", "act_step": 0.5})), images, seed=6)
+    qmd = save_qmd(tmp_path / "s", "s", (32, 32, 3), "uint8", qmd_layers(model, CFG))
+    act = qmd.layer("conv1_act")
+    assert (act.out_act.kind, act.out_act.lo, act.out_act.hi) == ("sint", -8, 7)
+    ref = _check_equal(qmd, model, images)
+    assert ref["conv1_act"].min() < 0 < ref["conv1_act"].max()
+
+
+def test_sint_activation_levels():
+    act = SintActivation(3, step=0.5)
+    y = torch.tensor([-9.0, -1.76, -1.74, -0.26, -0.24, 0.24, 0.26, 1.24, 1.26, 5.0], requires_grad=True)
+    out = act(y)
+    assert out.tolist() == [-4, -4, -3, -1, 0, 0, 1, 2, 3, 3]
+    assert torch.equal(out, torch.clamp(torch.floor(y.detach() / 0.5 + 0.5), -4, 3))
+    out.sum().backward()
+    assert torch.equal(y.grad, ((y.detach() >= -2.25) & (y.detach() <= 1.75)).float())
+    assert act.qmd_out == {"kind": "sint", "bits": 3} and len(act.levels) == 7
 
 
 def test_uint_activation_step():

@@ -44,6 +44,8 @@ MLP_CASES = [
                                           "fc2": {"pe": 2, "simd": 4}}),
     ([12, 8, 4], (1, 3, 2), "uint2", {"fc0": {"pe": 2, "simd": 3}, "fc1": {"pe": 4, "simd": 2}}),
     ([10, 6, 4], (3, 2, 2), "ternary", {"fc0": {"pe": 1, "simd": 5}, "fc1": {"pe": 2, "simd": 6}}),
+    ([12, 8, 6, 4], (2, 4, 7), "sint4", {"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 3, "simd": 2},
+                                         "fc2": {"pe": 4, "simd": 3}}),
 ]
 
 
@@ -60,11 +62,13 @@ def test_random_pow2_mlp_matches_reference(tmp_path, case):
     assert np.array_equal(cls, trace["class"].numpy())
 
 
-def test_random_pow2_cnn_matches_reference(tmp_path):
-    """Sliding window -> shift engine on 8-bit pixels -> 3-bit activations -> max-pool -> shift
-    engine on 3-bit codes (padding with a 3-bit value) -> dense -> argmax, under stalls."""
+@pytest.mark.parametrize("act", ["uint3", "sint3"])
+def test_random_pow2_cnn_matches_reference(tmp_path, act):
+    """Sliding window -> shift engine on 8-bit pixels -> 3-bit activations (unsigned, or signed in
+    offset binary) -> max-pool -> shift engine on 3-bit codes (padding with a 3-bit value) ->
+    dense -> argmax, under stalls."""
     qmd = random_pow2_cnn(tmp_path, input_shape=(6, 6, 2), convs=((4, 3, 1, 1, True), (4, 3, 1, 1, False)),
-                          act="uint3", seed=3)
+                          act=act, seed=3)
     folding = {"conv0": {"pe": 2, "simd": 2}, "conv1": {"pe": 1, "simd": 4}, "fc": {"pe": 5, "simd": 4}}
     images = np.random.default_rng(3).integers(0, 256, (3, 6, 6, 2)).astype(np.uint8)
     cls, logits, acc = _simulate(qmd, folding, images, stall=0.2, seed=3)
