@@ -131,7 +131,8 @@ def multiplier_twin(shift):
         # the shift engine keeps >= thresholds with invert flags; hand the twin the same comparisons
         thr = np.asarray(shift.ge, dtype=np.int64)
         direction = np.ones(shift.m, dtype=np.int64)
-    twin = MulMVTU(shift.weights, weight_bits=wbits, pipelined=shift.pipelined, pe=shift.pe, simd=shift.simd, thresholds=thr,
+    twin = MulMVTU(shift.weights, weight_bits=wbits, pipelined=shift.pipelined, pe=shift.pe, simd=shift.simd,
+                   thresholds=thr,
                    direction=direction, in_shape=shift.in_shape, in_offset=shift.in_code[1], in_range=shift.in_range,
                    in_scale=shift.in_code[0])
     if shift.n_thresholds:
@@ -230,10 +231,10 @@ def _cached_salt(cache_dir):
     return f.read_text() if f.is_file() else ""
 
 
-def representative(m=64, n=576, pe=8, simd=16, in_bits=4, terms=2, code_bits=4, seed=0, thresholds=True):
+def representative(m=64, n=576, pe=8, simd=16, in_bits=4, terms=2, code_bits=4, seed=0, out_bits=4):
     """A CNV-like shift layer (``m`` x ``n``, e.g. a 3x3x64 convolution) with random codes,
-    ``in_bits``-bit unsigned inputs and, if ``thresholds``, ``2^in_bits - 1`` thresholds per
-    output (the next layer's n-bit activation)."""
+    ``in_bits``-bit unsigned inputs and ``2^out_bits - 1`` thresholds per output (the next
+    layer's ``out_bits``-bit activation; ``out_bits=0``: no thresholds, the dot products)."""
     from hw.shift_mvtu import ShiftMVTU
     from models.qmd import pow2_decode
     from models.synthetic import random_multi_thresholds, random_pow2_codes
@@ -241,7 +242,7 @@ def representative(m=64, n=576, pe=8, simd=16, in_bits=4, terms=2, code_bits=4, 
     e = terms + (1 << (code_bits - 1)) - 3
     codes = random_pow2_codes(rng, m, n, terms, code_bits, e)
     thr = random_multi_thresholds(rng, pow2_decode(codes, code_bits, e), 0, 2 ** in_bits - 1,
-                                  2 ** in_bits - 1) if thresholds else {"thresholds": None, "direction": None}
+                                  2 ** out_bits - 1) if out_bits else {"thresholds": None, "direction": None}
     return ShiftMVTU(codes, code_bits=code_bits, exponent_offset=e, pe=pe, simd=simd, thresholds=thr["thresholds"],
                      direction=thr["direction"], in_shape=unsigned(in_bits))
 
@@ -255,11 +256,13 @@ def main(argv=None):
     ap.add_argument("--in-bits", type=int, default=4)
     ap.add_argument("--terms", type=int, default=2)
     ap.add_argument("--code-bits", type=int, default=4)
+    ap.add_argument("--out-bits", type=int, default=4, help="thresholds for an n-bit output (0: none)")
     ap.add_argument("--out", default="build/shift_cost", help="cache / work directory")
     args = ap.parse_args(argv)
     from qnnfab.errors import QnnfabError
     try:
-        eng = representative(args.m, args.n, args.pe, args.simd, args.in_bits, args.terms, args.code_bits)
+        eng = representative(args.m, args.n, args.pe, args.simd, args.in_bits, args.terms, args.code_bits,
+                             out_bits=args.out_bits)
         res = shift_layer_costs(eng, args.out)
     except QnnfabError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -151,7 +151,8 @@ def plan_network(qmd, folding):
         elif layer.kind == "maxpool":
             prev = stages[-1] if stages else None
             if prev is None or layer.in_act.kind not in ("binary", "ternary", "uint", "sint"):
-                _unsupported(qmd, layer, "max-pool needs binary, ternary, uint or sint activations from a previous stage")
+                _unsupported(qmd, layer,
+                             "max-pool needs binary, ternary, uint or sint activations from a previous stage")
             if layer.attrs["stride"] != layer.attrs["kernel"]:
                 _unsupported(qmd, layer, "the max-pool engine supports stride == kernel only")
             h, w, c = layer.in_shape

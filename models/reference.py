@@ -28,7 +28,9 @@ class ReferenceModel:
         self._weights = {}
         for layer in self.qmd.layers:
             if layer.kind in ("dense", "conv2d"):
-                w = layer.int_weights          # signs, or TTQ's pos_scale/-neg_scale/0
+                # signs, TTQ's pos_scale/-neg_scale/0, or pow2's Wq = sum of the terms' +-2^shift:
+                # sum_k Wq*x is the spec's shift-add sum exactly (the same integers)
+                w = layer.int_weights
                 bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * int(np.abs(w).sum(axis=1).max())
                 assert bound < _EXACT_F64, f"{layer.name}: accumulator range too large for exact float64"
                 self._weights[layer.name] = torch.from_numpy(w.astype(np.float64))
