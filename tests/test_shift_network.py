@@ -167,3 +167,27 @@ def test_cli_synth_costs_no_multipliers_and_cached(tmp_path, monkeypatch):
     assert [l.get("synth_costs") for l in again["layers"]] == [l.get("synth_costs") for l in rep["layers"]]
     md = (tmp_path / "build" / "tiny" / "report.md").read_text()
     assert f"| fc0 | 2 | 2 | N=2 B=3 E=4 | 0 | {shift[0]['luts_per_mac']} |" in md
+
+
+def test_reference_computes_the_specs_shift_add_sum(tmp_path):
+    """models/reference.py on pow2 layers = docs/qmd-spec.md's sum of +-(x << shift(t, j)) over the
+    non-zero terms, evaluated here term by term in Python integers, for every dense layer."""
+    qmd = random_pow2_mlp(tmp_path, [10, 7, 5, 3], pow2=(3, 3, 5), act="sint3", seed=21)
+    x = np.random.default_rng(21).integers(0, 256, (3, 10))
+    trace = ReferenceModel(qmd).trace(x)
+    inp = x
+    for layer in qmd.layers:
+        if layer.kind == "dense":
+            e, b = layer.attrs["exponent_offset"], layer.attrs["code_bits"]
+            want = np.zeros((len(inp), layer.attrs["out_features"]), dtype=np.int64)
+            for f in range(len(inp)):
+                for o in range(want.shape[1]):
+                    for t in range(layer.attrs["terms"]):
+                        for k in range(inp.shape[1]):
+                            c = int(layer.codes[o, t, k])
+                            j, neg = c & ((1 << (b - 1)) - 1), c >> (b - 1)
+                            if j:
+                                v = int(inp[f, k]) << (e - t - (j - 1))
+                                want[f, o] += -v if neg else v
+            assert np.array_equal(trace[layer.name].numpy(), want), layer.name
+        inp = trace[layer.name].numpy().reshape(len(x), -1) if layer.kind != "argmax" else inp
