@@ -14,16 +14,14 @@ of met thresholds) or emits them as signed integers (the logits). No multipliers
   copies ``x << s``, ``s = 0..E``, are formed once (wiring) and shared by all PEs.
 * **Term select.** Each weight term selects one copy by its codebook index (a mux tree over
   the ``2^(B-1) - 1`` copies its codebook reaches, one level per index bit, index 0
-  selecting the constant 0), and a
-  negative term contributes the one's complement ``~copy``; the PE's adder tree adds the
-  count of negative terms once (``-v = ~v + 1``), so a zero term adds nothing and a sign
-  costs an XOR. For unsigned inputs the complement is taken within the term's copy width
-  and corrected once per term (no sign extension through the adder tree; 10% fewer LUTs
-  in Yosys than sign-extended terms).
+  selecting the constant 0), and a negative term contributes the one's complement
+  ``~copy``; the PE's adder tree adds the count of negative terms once (``-v = ~v + 1``), so
+  a zero term adds nothing and a sign costs an XOR. For unsigned inputs the complement is
+  taken within the term's copy width and corrected once per term (no sign extension
+  through the adder tree; 10% fewer LUTs in Yosys than sign-extended terms).
 * **Accumulator widths** come from the codebooks and the fan-in: the largest weight any
   code can make is ``sum_t 2^(E-t)``, so ``|dot| <= N * max|x| * sum_t 2^(E-t)``, and the
   accumulator holds that (no overflow for any weights of these codebooks).
-
 * **Pipelined adder tree** (default): a register after the term select and after every
   adder level (``1 + ceil(log2(terms))`` stages of latency, no cycle of throughput): every
   adder is then a two-input carry chain, where Yosys would otherwise merge the whole tree
@@ -32,7 +30,8 @@ of met thresholds) or emits them as signed integers (the logits). No multipliers
 Everything else is :class:`hw.mvtu.MVTU`'s (this class overrides its datapath hooks): the
 double-buffered input vector, weights in one ``lib.memory`` of depth ``NF*SF`` (word
 ``f*SF + s`` holds, at bits ``((p*SIMD + k)*T + t)*B``, the code of term ``t`` of
-``W[f*PE + p, s*SIMD + k]``), the three-stage pipeline frozen by back-pressure,
+``W[f*PE + p, s*SIMD + k]``), the pipeline (read, datapath, output register) frozen as a
+whole by back-pressure,
 thresholds in a ``lib.memory`` of depth ``NF``; ``NF*SF`` cycles per vector.
 
 Stream interface (identical to :class:`hw.mvtu.MVTU`)
