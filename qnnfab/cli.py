@@ -159,6 +159,11 @@ def cmd_fold(args):
 def _load_qmd_only(model):
     from models.qmd import load_qmd
     d = model_dir(model)
+    if not (d / "qmd.json").is_file():
+        from models.nets import MODELS
+        if Path(model).name in MODELS:
+            raise QnnfabError(f"model '{model}' is not trained and exported yet: make train MODEL={model}, "
+                              f"then make export MODEL={model}", where=str(d / "qmd.json"))
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
     return load_qmd(d)
