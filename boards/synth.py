@@ -192,7 +192,8 @@ def synthesize(qmd, folding, target, out, seed=1):
     totals = count_cells(_cells_of(json.loads((out / "top.stat.json").read_text())), dev.family)
 
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
-           "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail"]
+           "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail",
+           "--router", "router2"]
     if target.out_of_context:
         cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
