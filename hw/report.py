@@ -10,6 +10,9 @@
 * ``cycles_per_frame``: analytic frame interval = the slowest stage's cycles
 * ``bottleneck``: that stage's name
 * ``estimated``: the totals of the per-stage estimates
+* ``weight_load``: the run-time loaded weights: ``layers`` (names of the ``"ram"`` layers,
+  in load order), ``bytes`` (length of the byte image after ``'W'``), ``bits``; every
+  MVTU entry in ``layers`` has ``weights`` (``"rom"`` or ``"ram"``)
 
 The resource estimate is an analytic first-order model (documented in docs/architecture.md),
 not yet calibrated against Yosys; synthesis reports carry the measured figures.
@@ -18,7 +21,7 @@ not yet calibrated against Yosys; synthesis reports carry the measured figures.
 import json
 
 from hw.arith import bits_for
-from hw.network import frame_cycles
+from hw.network import frame_cycles, loaded_stages, weight_image_bytes
 
 
 def estimate_stage(s):
@@ -35,6 +38,8 @@ def estimate_stage(s):
         # add/subtract of in_bits-wide inputs costs ~in_bits LUTs per element instead of ~2 per bit
         luts = s.pe * (2 * s.simd * in_bits + 2 * acc + n_thr * acc) + 4 * bits_for(m * n)
         ffs = s.pe * (acc + s.out_shape.width) + 2 * bits_for(m * n) + 8
+        if s.weights == "ram":      # load counter shares the read counter; the loader is counted at the top
+            luts += 4
         return {"weight_bits": m * n, "buffer_bits": 2 * n * in_bits + thr_bits, "luts": luts, "ffs": ffs}
     lanes = max(s.in_lanes, s.out_lanes)
     width = s.out_shape.width if s.out_shape is not None else 8
@@ -61,11 +66,14 @@ def estimate_stage(s):
 def design_report(qmd, folding, stages, verilog_path, top):
     layers = []
     for s in stages:
-        layers.append({
+        entry = {
             "name": s.name, "kind": s.kind, "engine": s.engine, "pe": s.pe, "simd": s.simd,
             "cycles_per_frame": s.cycles_per_frame, "fused": [l.name for l in s.layers],
             "in_lanes": s.in_lanes, "out_lanes": s.out_lanes, "estimated": estimate_stage(s),
-        })
+        }
+        if s.weights is not None:
+            entry["weights"] = s.weights
+        layers.append(entry)
     cpf = frame_cycles(stages)
     totals = {}
     for l in layers:
@@ -77,7 +85,15 @@ def design_report(qmd, folding, stages, verilog_path, top):
         "layers": layers, "cycles_per_frame": cpf,
         "bottleneck": next(s.name for s in stages if s.cycles_per_frame == cpf),
         "estimated": totals,
+        "weight_load": weight_load(stages),
     }
+
+
+def weight_load(stages):
+    """What is loaded at run time: the ``"ram"`` layers in load order, the image's bytes and bits."""
+    loaded = loaded_stages(stages)
+    return {"layers": [s.name for s in loaded], "bytes": weight_image_bytes(stages),
+            "bits": sum(estimate_stage(s)["weight_bits"] for s in loaded)}
 
 
 def _table(headers, rows):
@@ -86,16 +102,26 @@ def _table(headers, rows):
     return "\n".join(out)
 
 
+def weight_load_line(load):
+    """One markdown line saying which layers are loaded at run time and how much."""
+    if not load["layers"]:
+        return "Weights: all in initialised block RAM (nothing to load at run time)."
+    return (f"Weights loaded at run time (`'W'` + {load['bytes']:,} bytes over the UART, {load['bits']:,} bits): "
+            + ", ".join(f"`{n}`" for n in load["layers"]) + "; the other layers' weights are in the bitstream.")
+
+
 def design_markdown(rep):
-    rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l["cycles_per_frame"],
+    rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l.get("weights"), l["cycles_per_frame"],
              l["estimated"]["weight_bits"], l["estimated"]["luts"], l["estimated"]["ffs"]) for l in rep["layers"]]
     return "\n".join([
         f"# {rep['model']}: generated accelerator",
         "",
         f"Verilog: `{rep['verilog']}` (top `{rep['top']}`), input {rep['input_lanes']} values per beat.",
         "",
-        _table(["stage", "kind", "engine", "PE", "SIMD", "cycles/frame", "weight bits", "LUTs (est.)", "FFs (est.)"],
-               rows),
+        _table(["stage", "kind", "engine", "PE", "SIMD", "weights", "cycles/frame", "weight bits", "LUTs (est.)",
+                "FFs (est.)"], rows),
+        "",
+        weight_load_line(rep["weight_load"]),
         "",
         f"Frame interval (analytic): **{rep['cycles_per_frame']} cycles**, set by `{rep['bottleneck']}`; "
         f"at 100 MHz that is {100e6 / rep['cycles_per_frame']:,.0f} frames/s.",
