@@ -21,10 +21,12 @@ from qnnfab.errors import QnnfabError
 from qnnfab.paths import build_dir, model_dir
 
 
-def _load(model, folding_path=None):
-    from hw.folding import FILENAME, load_folding
+def _load(model, folding_path=None, device=None):
+    """The QMD and its folding: ``folding_path``, else ``folding-<device>.json`` when ``device``
+    is given and the model has one, else ``folding.json``."""
+    from hw.folding import default_folding_path, load_folding
     qmd = _load_qmd_only(model)
-    folding = load_folding(Path(folding_path) if folding_path else qmd.path / FILENAME, qmd)
+    folding = load_folding(Path(folding_path) if folding_path else default_folding_path(qmd.path, device), qmd)
     return qmd, folding
 
 
@@ -120,10 +122,14 @@ def cmd_synth(args):
     from boards.synth_report import share_svg, synth_markdown
     from boards.targets import get_target
     from hw.report import write_json
+    from hw.folding import default_folding_path
     target = get_target(args.board)
-    qmd, folding = _load(args.model, args.folding)
+    qmd, folding = _load(args.model, args.folding, device=target.device.name)
+    folding_file = Path(args.folding) if args.folding else default_folding_path(qmd.path, target.device.name)
+    print(f"folding: {folding_file}")
     out = build_dir(qmd.name)
     rep = synthesize(qmd, folding, target, out / f"synth-{target.name}", seed=args.seed)
+    rep["folding_file"] = str(folding_file)
     stem = f"synth-{target.name}"
     write_json(out / f"{stem}.json", rep)
     (out / f"{stem}.svg").write_text(share_svg(rep))
@@ -169,7 +175,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.set_defaults(fn=cmd_eval)
     model_cmd("check", cmd_check, "validate a QMD and its folding")
-    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device")
+    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device "
+                  "(default folding: <model dir>/folding-<device>.json when it exists)")
     p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     for name, mod in (("train", "models.train"), ("export", "models.export")):
