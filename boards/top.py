@@ -104,7 +104,9 @@ class UartAccelerator(wiring.Component):
         beat = Signal(8 * lanes)
         lane = Signal(range(lanes))
         push, push_data = Signal(), Signal(8)
-        can_push = ~acc.pixels.valid | acc.pixels.ready
+        # a byte enters only while no complete beat waits: the parser then does not depend on the
+        # accelerator's ready chain combinationally (the UART is far slower than a cycle per byte)
+        can_push = ~acc.pixels.valid
         m.d.comb += acc.pixels.payload.eq(beat)
         with m.If(acc.pixels.valid & acc.pixels.ready):
             m.d.sync += acc.pixels.valid.eq(0)

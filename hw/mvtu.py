@@ -15,6 +15,10 @@ Two datapaths, chosen by the input element shape:
 * ``addsub``: integer inputs (e.g. 8-bit pixels, first layer): each weight bit adds or
   subtracts its input (no multipliers); the accumulator holds ``dot`` itself.
 
+Pipeline: A issues the memory reads, B accumulates, C compares a finished total with its
+thresholds into the output register (the comparison has a cycle of its own, so the
+longest path is memory -> popcount -> accumulator).
+
 Folding: ``PE`` output channels in parallel, ``SIMD`` inputs per PE per cycle;
 ``NF = M/PE`` neuron folds, ``SF = N/SIMD`` synapse folds, ``NF*SF`` cycles per vector.
 A convolution runs as one vector per output pixel (the sliding window supplies them).
@@ -267,25 +271,34 @@ class MVTU(wiring.Component):
             with m.If(advance & valid_b):
                 m.d.sync += acc[p].eq(total[p])
 
-        # ---- stage C: threshold (or dot product) into the output register
+        # ---- stage C: the neuron fold's total is in acc (it only changes when the pipeline
+        # advances, like this stage); its thresholds are kept from stage B. Threshold (or dot
+        # product) into the output register: the comparison gets a cycle of its own.
+        valid_c = Signal()
+        with m.If(advance):
+            m.d.sync += valid_c.eq(valid_b & last_b)
+        if self.n_thresholds:
+            thr_c = Signal(tword)
+            with m.If(advance & valid_b & last_b):
+                m.d.sync += thr_c.eq(t_rd.data)
         results = []
         for p in range(pe):
             if self.n_thresholds:
                 tw = self.thr_shape.width
                 base = p * self.n_thresholds * tw
-                thr = [t_rd.data[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
+                thr = [thr_c[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
                 if self.thr_shape.signed:
                     thr = [t.as_signed() for t in thr]
-                inv = t_rd.data[pe * self.n_thresholds * tw + p]
-                results.append(ge_threshold_count(total[p], thr, inv))
+                inv = thr_c[pe * self.n_thresholds * tw + p]
+                results.append(ge_threshold_count(acc[p], thr, inv))
             elif self.datapath == "xnor":
-                results.append((total[p] << 1) - self.n)   # the spec's dot = 2P - N
+                results.append((acc[p] << 1) - self.n)   # the spec's dot = 2P - N
             else:
-                results.append(total[p])
+                results.append(acc[p])
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
         with m.If(advance):
-            m.d.sync += self.o.valid.eq(valid_b & last_b)
-            with m.If(valid_b & last_b):
+            m.d.sync += self.o.valid.eq(valid_c)
+            with m.If(valid_c):
                 m.d.sync += [self.o.payload[p].eq(results[p]) for p in range(pe)]
         if self.weights_storage == "ram":
             with m.If(self.reload):       # last, so it wins: forget the weights, load again from word 0

@@ -37,7 +37,7 @@ def estimate_stage(s):
         # comparators (1/bit each); out register and accumulator flip-flops
         # add/subtract of in_bits-wide inputs costs ~in_bits LUTs per element instead of ~2 per bit
         luts = s.pe * (2 * s.simd * in_bits + 2 * acc + n_thr * acc) + 4 * bits_for(m * n)
-        ffs = s.pe * (acc + s.out_shape.width) + 2 * bits_for(m * n) + 8
+        ffs = s.pe * (acc + s.out_shape.width) + 2 * bits_for(m * n) + 8 + (thr_bits // m * s.pe if n_thr else 0)
         if s.weights == "ram":      # load counter shares the read counter; the loader is counted at the top
             luts += 4
         return {"weight_bits": m * n, "buffer_bits": 2 * n * in_bits + thr_bits, "luts": luts, "ffs": ffs}
