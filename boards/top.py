@@ -236,7 +236,9 @@ class UartAccelerator(wiring.Component):
 
         # ---- status
         m.d.comb += [self.busy.eq(receiving | order.r_rdy), self.loaded.eq(weights_ok & weights_in)]
-        bad = (rx.framing_error | rx.overrun) + (order.w_en & ((entry_kind == _ERROR) | (entry_kind == _DROP)))
+        bad = Signal(2)       # registered: the count follows a cycle later, off the parser's paths
+        m.d.sync += bad.eq((rx.framing_error | rx.overrun)
+                           + (order.w_en & ((entry_kind == _ERROR) | (entry_kind == _DROP))))
         m.d.sync += self.errors.eq(Mux(self.errors + bad > 255, 255, self.errors + bad))
         return m
 

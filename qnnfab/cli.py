@@ -148,9 +148,16 @@ def _load_qmd_only(model):
 
 
 def cmd_check(args):
+    from hw.folding import load_folding
     qmd, folding = _load(args.model, args.folding)
     print(f"{qmd.path}: valid QMD v1 '{qmd.name}', {len(qmd.layers)} layers; folding valid for "
           f"{len(folding)} folded layers")
+    if not args.folding:          # the per-device foldings shipped next to it, too
+        for path in sorted(qmd.path.glob("folding-*.json")):
+            f = load_folding(path, qmd)
+            loaded = [n for n, e in f.items() if e["weights"] == "ram"]
+            print(f"{path.name}: valid for {len(f)} folded layers"
+                  + (f"; run-time loaded weights: {', '.join(loaded)}" if loaded else ""))
 
 
 def main(argv=None):

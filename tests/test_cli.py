@@ -105,3 +105,16 @@ def test_exit_status_from_a_real_process(model):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "qmd.npz: cannot read arrays" in p.stderr
+
+
+def test_check_validates_the_per_device_foldings_too(model, capsys):
+    (model / "folding-up5k.json").write_text(json.dumps(
+        {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 2, "simd": 4, "weights": "ram"},
+                                                "fc1": {"pe": 1, "simd": 2}}}))
+    assert main(["check", "--model", str(model)]) == 0
+    assert "folding-up5k.json: valid for 2 folded layers; run-time loaded weights: fc0" in capsys.readouterr().out
+    (model / "folding-85f.json").write_text(json.dumps(
+        {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 2, "simd": 4, "weights": "sram"},
+                                                "fc1": {"pe": 1, "simd": 2}}}))
+    assert main(["check", "--model", str(model)]) == 2
+    assert "folding-85f.json: layer 'fc0' field 'weights': must be \"rom\"" in _error_line(capsys)
