@@ -9,12 +9,15 @@ STALL  ?= 0
 EPOCHS ?=
 DEVICE ?= cpu
 BOARD  ?= ulx3s-85f
+TARGET_FPS ?=
+CLOCK_MHZ ?= 100
+DEVICE_BUDGET ?=
 
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PY    := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help venv verilog sim sim-full eval check synth train export test clean
+.PHONY: help venv verilog sim sim-full eval check synth fold calibrate bench train export test clean
 
 help:
 	@echo "make sim MODEL=bnn_mnist [IMAGES=100]  generate, simulate in Verilator on real test images, report"
@@ -24,6 +27,9 @@ help:
 	@echo "make check MODEL=m                      validate the model description and folding"
 	@echo "make synth MODEL=m BOARD=b              Yosys + nextpnr (+ bitstream): build/m/synth-b.json/.md/.svg"
 	@echo "                                          b: icebreaker ulx3s-85f orangecrab-25f ooc-up5k ooc-25f ooc-85f"
+	@echo "make fold MODEL=m TARGET_FPS=f [CLOCK_MHZ=100] | DEVICE_BUDGET=85f   automatic PE/SIMD folding"
+	@echo "make calibrate                          refit the resource model against Yosys (hw/calibration.json)"
+	@echo "make bench                              synthesize every shipped model for its boards: build/bench/"
 	@echo "make train MODEL=m [EPOCHS=n] [DEVICE=cuda]  quantization-aware training (resumable)"
 	@echo "make export MODEL=m                     export the trained model to models/zoo/m"
 	@echo "make test                               the test suite"
@@ -55,6 +61,15 @@ check: $(STAMP)
 
 synth: $(STAMP)
 	$(PY) -m qnnfab synth --model $(MODEL) --board $(BOARD)
+
+fold: $(STAMP)
+	$(PY) -m qnnfab fold --model $(MODEL) $(if $(TARGET_FPS),--fps $(TARGET_FPS) --clock-mhz $(CLOCK_MHZ)) $(if $(DEVICE_BUDGET),--device $(DEVICE_BUDGET))
+
+calibrate: $(STAMP)
+	$(PY) -m boards.calibrate
+
+bench: $(STAMP)
+	$(PY) -m boards.bench
 
 train: $(STAMP)
 	$(PY) -m qnnfab train --model $(MODEL) --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS))

@@ -7,10 +7,9 @@ synthesis report (written as ``build/<model>/synth-<target>.json`` by the CLI):
   ``bram_blocks``, ``dsp`` (from Yosys' cell counts of the mapped netlist)
 * ``fmax_mhz`` (nextpnr's timing analysis of the placed and routed design), ``fits``
   (placed and routed within the device's resources), ``target_mhz`` and ``timing_met``
-  (Fmax reaches the out-of-context target, or the board's clock; an out-of-context run
-  that misses its target still reports its Fmax: nextpnr runs with
-  ``--timing-allow-fail`` there), ``cycles_per_frame`` (analytic), ``fps`` (= Fmax /
-  cycles per frame)
+  (Fmax reaches the out-of-context target, or the board's clock; nextpnr runs with
+  ``--timing-allow-fail``, so a missed target still reports its Fmax),
+  ``cycles_per_frame`` (analytic), ``fps`` (= Fmax / cycles per frame)
 * ``utilization``: nextpnr's used/available per resource kind
 * ``layers``: per pipeline stage, the analytic estimate and what Yosys maps for that
   stage's engine synthesized on its own
@@ -58,7 +57,8 @@ def _run(cmd, log, cwd, what):
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
     if r.returncode != 0:
-        tail = [l for l in Path(log).read_text().splitlines() if "ERROR" in l or "error" in l.lower()][-1:]
+        lines = Path(log).read_text().splitlines()
+        tail = [l for l in lines if l.startswith("ERROR")][:1] or [l for l in lines if "error" in l.lower()][-1:]
         raise QnnfabError(f"{what} failed (exit {r.returncode}): {tail[0].strip() if tail else 'see the log'}",
                           where=str(log))
     return time.time() - t0
@@ -228,9 +228,9 @@ def synthesize(qmd, folding, target, out, seed=1):
     totals = count_cells(_cells_of(json.loads((out / "top.stat.json").read_text())), dev.family)
 
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
-           "--seed", str(seed), "--log", "nextpnr.log", "--quiet"]
+           "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail"]
     if target.out_of_context:
-        cmd += ["--freq", str(target.target_mhz), "--timing-allow-fail"]
+        cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
     else:
         cmd += ["--pcf" if dev.family == "ice40" else "--lpf", constraints]
@@ -306,3 +306,33 @@ def _version(cmd):
     txt = (r.stdout + r.stderr).strip().splitlines()
     line = next((l for l in txt if re.search(r"\d+\.\d+", l)), txt[0] if txt else "")
     return line.strip()
+
+
+def run_synth(model, board, folding_path=None, seed=1):
+    """``make synth``: synthesize zoo model (or QMD directory) ``model`` for target ``board``
+    (folding: ``folding_path``, else the model's ``folding-<device>.json`` when it exists,
+    else ``folding.json``) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
+    ``(report, [json, md, svg paths])``."""
+    from boards.synth_report import share_svg, synth_markdown
+    from boards.targets import get_target
+    from hw.folding import default_folding_path, load_folding
+    from hw.report import write_json
+    from models.qmd import load_qmd
+    from qnnfab.paths import build_dir, model_dir
+    target = get_target(board)
+    d = model_dir(model)
+    if not d.is_dir():
+        raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
+    qmd = load_qmd(d)
+    # the model's folding for this device (folding-<device>.json) when it has one
+    folding_file = Path(folding_path) if folding_path else default_folding_path(qmd.path, target.device.name)
+    folding = load_folding(folding_file, qmd)
+    out = build_dir(qmd.name)
+    stem = f"synth-{target.name}"
+    rep = synthesize(qmd, folding, target, out / stem, seed=seed)
+    rep["folding_file"] = str(folding_file)
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.svg"]
+    write_json(paths[0], rep)
+    paths[2].write_text(share_svg(rep))
+    paths[1].write_text(synth_markdown(rep, paths[2].name))
+    return rep, paths

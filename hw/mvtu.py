@@ -35,7 +35,7 @@ is busy every cycle. Weights sit in a memory of depth ``NF*SF`` and width
 ``PE*SIMD``, thresholds in one of depth ``NF``. Back-pressure on ``o`` stalls the whole
 pipeline; nothing is lost or duplicated.
 
-Weight storage (``weights=``)
+Weight storage (``weights_storage=``, from the folding's ``"weights"``)
   ``"rom"``: a ``lib.memory`` initialised with :meth:`MVTU.weight_words` (block RAM/ROM
   in the bitstream).
   ``"ram"``: an uninitialised :class:`hw.spram.SinglePortRAM` (SB_SPRAM256KA on an
@@ -92,12 +92,14 @@ class MVTU(wiring.Component):
         (in the spec's domain, the dot product)
     in_shape : None for binary inputs (bits), else the Amaranth shape of an input element
     in_range : ``(lo, hi)`` of the input values (integer inputs only; default: the shape's range)
+    in_offset : integer inputs only: an input code ``r`` stands for ``r + in_offset`` (ternary
+        activations arrive as ``value + 1``, so -1)
     weights_storage : ``"rom"`` (initialised memory) or ``"ram"`` (loaded at run time through
         ``load``; see the module docstring)
     """
 
     def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None,
-                 weights_storage="rom"):
+                 in_offset=0, weights_storage="rom"):
         if weights_storage not in WEIGHT_STORAGE:
             raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
         self.weights_storage = weights_storage
@@ -118,7 +120,14 @@ class MVTU(wiring.Component):
         else:
             self.datapath = "addsub"
             self.in_shape = in_shape
-            lo, hi = in_range if in_range is not None else _shape_range(in_shape)
+            if not isinstance(in_offset, int) or isinstance(in_offset, bool):
+                raise ValueError(f"in_offset must be an integer, got {in_offset!r}")
+            self.in_offset = in_offset
+            if in_range is None:
+                lo, hi = _shape_range(in_shape)
+                lo, hi = lo + in_offset, hi + in_offset
+            else:
+                lo, hi = in_range
             bound = self.n * max(abs(lo), abs(hi))
             self.acc_shape = signed(bits_for(bound) + 1)
             acc_lo, acc_hi, scale, offset = -bound, bound, 1, 0
@@ -266,6 +275,8 @@ class MVTU(wiring.Component):
                 elems = [in_rd.data[k * iw:(k + 1) * iw] for k in range(simd)]
                 if self.in_shape.signed:
                     elems = [e.as_signed() for e in elems]
+                if self.in_offset:
+                    elems = [e + self.in_offset for e in elems]
                 partial = sum_tree([Mux(wbits[k], elems[k], -elems[k]) for k in range(simd)])
             m.d.comb += total[p].eq(partial + Mux(first_b, 0, acc[p]))
             with m.If(advance & valid_b):

@@ -1,8 +1,9 @@
 """Compose a QMD and a folding into one streaming dataflow accelerator.
 
 :func:`plan_network` maps the QMD's layers onto hardware stages (a ``dense`` layer and
-the ``threshold`` after it fuse into one MVTU; width converters join stages whose beat
-widths differ) and computes each stage's cycles per frame. :class:`Accelerator` is
+the ``threshold`` after it fuse into one MVTU — the zero-skip :class:`TernaryMVTU` for
+ternary weights; width converters join stages whose beat widths differ) and computes each
+stage's cycles per frame (for a ternary engine exactly, from its weight pattern). :class:`Accelerator` is
 the Amaranth component built from that plan.
 
 Top-level stream interface
@@ -34,6 +35,7 @@ from hw.arith import bits_for
 from hw.maxpool import MaxPool
 from hw.mvtu import MVTU
 from hw.sliding_window import SlidingWindow
+from hw.ternary_mvtu import TernaryMVTU, ternary_schedule
 from hw.threshold_unit import ThresholdUnit
 from hw.weight_loader import WeightLoader, word_bytes
 from hw.width_converter import StreamWidthConverter
@@ -45,8 +47,8 @@ class Stage:
     """One hardware stage of the pipeline and what it produces per frame."""
 
     name: str                 # the (first) QMD layer it implements, or dwc_<a>_<b> for a converter
-    engine: str               # threshold_unit | xnor_mvtu | addsub_mvtu | sliding_window | maxpool
-                              # | width_converter | argmax_output
+    engine: str               # threshold_unit | xnor_mvtu | addsub_mvtu | ternary_mvtu | sliding_window
+                              # | maxpool | width_converter | argmax_output
     layers: list              # the QMD layers it implements (empty for a width converter)
     in_lanes: int
     out_lanes: int
@@ -71,7 +73,10 @@ class Stage:
         return self.layers[-1] if self.layers else None
 
 
-def _input_shape(act):
+def code_shape(act):
+    """Shape of an element's hardware code (binary and ternary codes are unsigned)."""
+    if act.kind in ("binary", "ternary"):
+        return unsigned(act.bits)
     return unsigned(act.bits) if act.lo >= 0 else signed(act.bits)
 
 
@@ -100,6 +105,7 @@ def plan_network(qmd, folding):
             pe, simd = f["pe"], f["simd"]
             m, n = layer.weights.shape
             binary_in = layer.in_act.kind == "binary"
+            ternary_w = layer.attrs["weight"] == "ternary"
             if layer.kind == "conv2d":
                 h, w, c = layer.in_shape
                 if c % simd:
@@ -110,10 +116,10 @@ def plan_network(qmd, folding):
                 a = layer.attrs
                 pad = a.get("pad_value", -1 if binary_in else 0)
                 swg = Stage(f"swg_{layer.name}", "sliding_window", [], simd, simd, 0,
-                            unsigned(1) if binary_in else _input_shape(layer.in_act), layer.in_act,
+                            code_shape(layer.in_act), layer.in_act,
                             params={"height": h, "width": w, "channels": c, "kernel": a["kernel"],
                                     "stride": a["stride"], "padding": a["padding"],
-                                    "pad_value": (pad + 1) // 2 if binary_in else pad})
+                                    "pad_value": int(layer.in_act.encode(pad))})
                 oh, ow, _ = layer.out_shape
                 windows = oh * ow
                 swg.out_elems = windows * n
@@ -130,15 +136,30 @@ def plan_network(qmd, folding):
             else:
                 out_act = layer.out_act
                 out_shape = signed(bits_for(max(abs(out_act.lo), abs(out_act.hi))) + 1)
-            stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
-                                windows * m, out_shape, out_act,
-                                cycles_per_frame=windows * (m // pe) * (n // simd), pe=pe, simd=simd,
-                                weights=f.get("weights", "rom")))
+            dense_cycles = windows * (m // pe) * (n // simd)
+            storage = f.get("weights", "rom")
+            if ternary_w:
+                if storage != "rom":
+                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                    raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
+                                      "supported for binary weights only; the zero-skip ternary engine keeps its "
+                                      "weights in ROM", where=where)
+                sched = ternary_schedule(layer.weights, pe, simd)
+                stages.append(Stage(layer.name, "ternary_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
+                                    cycles_per_frame=windows * sched.cycles_per_vector, pe=pe, simd=simd,
+                                    params={"weight_density": sched.density, "cycles_per_frame_dense": dense_cycles,
+                                            "schedule_bits": sched.schedule_bits,
+                                            "busiest_lane_slots": int(sched.lane_steps.max())},
+                                    weights="rom"))
+            else:
+                stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
+                                    windows * m, out_shape, out_act, cycles_per_frame=dense_cycles, pe=pe, simd=simd,
+                                    weights=storage))
             i += len(fused)
         elif layer.kind == "maxpool":
             prev = stages[-1] if stages else None
-            if prev is None or layer.in_act.kind not in ("binary", "uint"):
-                _unsupported(qmd, layer, "max-pool needs binary or unsigned activations from a previous stage")
+            if prev is None or layer.in_act.kind not in ("binary", "ternary", "uint"):
+                _unsupported(qmd, layer, "max-pool needs binary, ternary or unsigned activations from a previous stage")
             if layer.attrs["stride"] != layer.attrs["kernel"]:
                 _unsupported(qmd, layer, "the max-pool engine supports stride == kernel only")
             h, w, c = layer.in_shape
@@ -282,9 +303,18 @@ class Accelerator(wiring.Component):
             return MVTU(layer.weights, pe=s.pe, simd=s.simd,
                         thresholds=None if thr is None else thr.arrays["thresholds"],
                         direction=None if thr is None else thr.arrays["direction"],
-                        in_shape=None if binary_in else _input_shape(layer.in_act),
+                        in_shape=None if binary_in else code_shape(layer.in_act),
                         in_range=None if binary_in else (layer.in_act.lo, layer.in_act.hi),
+                        in_offset=0 if binary_in else layer.in_act.code[1],
                         weights_storage=s.weights or "rom")
+        if s.engine == "ternary_mvtu":
+            thr = s.layers[1] if len(s.layers) == 2 else None
+            act = layer.in_act
+            return TernaryMVTU(layer.weights, pe=s.pe, simd=s.simd,
+                               thresholds=None if thr is None else thr.arrays["thresholds"],
+                               direction=None if thr is None else thr.arrays["direction"],
+                               pos_scale=layer.arrays.get("pos_scale"), neg_scale=layer.arrays.get("neg_scale"),
+                               in_shape=code_shape(act), in_code=act.code, in_range=(act.lo, act.hi))
         if s.engine == "sliding_window":
             p = s.params
             return SlidingWindow(s.out_shape, p["height"], p["width"], p["channels"], p["kernel"],

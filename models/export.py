@@ -32,6 +32,7 @@ import torch
 
 from models.data import DATASETS, load_dataset
 from models.nets import CNV, SFC, build_model
+from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
 from models.reference import ReferenceModel
 from models.train import CKPT, THREADS, default_run_dir, load_checkpoint
@@ -100,15 +101,10 @@ def binary_weights(fc):
 
 def dot_range(w, lo, hi):
     """``(lo, hi)`` of ``sum_k w[o,k]*x[k]`` over inputs ``x`` in ``[lo, hi]``, hulled over
-    the outputs ``o`` (the range :func:`models.qmd.load_qmd` derives for the layer)."""
-    w = np.asarray(w)
-    return (int(np.where(w > 0, lo, -hi).sum(axis=1).min()),
-            int(np.where(w > 0, hi, -lo).sum(axis=1).max()))
-
-
-def _threshold_layer(name, thr, direction):
-    return {"name": name, "kind": "threshold", "out": {"kind": "binary"},
-            "arrays": {"thresholds": thr[:, None], "direction": direction}}
+    the outputs ``o`` (the range :func:`models.qmd.load_qmd` derives for the layer; zero
+    weights contribute nothing)."""
+    rlo, rhi = qmd_dot_range(w, lo, hi)
+    return int(rlo.min()), int(rhi.max())
 
 
 # --------------------------------------------------------------------------- QMD layers
@@ -140,16 +136,64 @@ def _dense(name, fc):
             "weight": "binary", "arrays": {"weights": binary_weights(fc)}}
 
 
+def fold_bn_levels(k, mean, beta, alpha, levels, lo, hi, chunk=1 << 22):
+    """Integer thresholds of a multi-level activation: output ``count of levels c with
+    k*(alpha*dot - mean) + beta >= c`` for every integer ``dot`` in ``[lo, hi]``.
+
+    Each level is folded by :func:`fold_bn_sign` (with ``beta - c``), so exactly as a
+    binary activation; returns ``(thresholds int64 [C, len(levels)], direction [C])``,
+    clamped to ``[lo - 1, hi + 1]`` and sorted in each channel's direction (the levels
+    are ascending). Channels are folded in chunks to bound the memory of the exact check.
+    """
+    k, mean, beta, alpha = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (k, mean, beta, alpha))
+    n = max(abs(int(lo)), abs(int(hi)))
+    step = max(1, chunk // (2 * n + 1))
+    thr = np.zeros((len(k), len(levels)), dtype=np.int64)
+    direction = np.zeros(len(k), dtype=np.int64)
+    for c0 in range(0, len(k), step):
+        sl = slice(c0, c0 + step)
+        for i, level in enumerate(levels):
+            t, d = fold_bn_sign(k[sl], mean[sl], beta[sl] - level, alpha[sl], n)
+            thr[sl, i] = t
+            direction[sl] = d
+    return np.clip(thr, lo - 1, hi + 1), direction
+
+
+def _weight_layer(name, kind, mod, reorder=None, **fields):
+    """A ``dense``/``conv2d`` layer dict of a binary or ternary weight module, and its integer
+    weight matrix ``[out, fan-in]`` in the QMD's order (conv: (ky, kx, c))."""
+    q = mod.qmd_weight()
+    w = q["weights"]
+    if w.ndim == 4:                                       # [Cout, Cin, K, K] -> (ky, kx, c)
+        w = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+    if reorder is not None:
+        w = reorder(w)
+    arrays = {"weights": w}
+    wq = w.astype(np.int64)
+    if "pos_scale" in q:
+        arrays.update(pos_scale=q["pos_scale"], neg_scale=q["neg_scale"])
+        wq = np.where(w > 0, q["pos_scale"][:, None], np.where(w < 0, -q["neg_scale"][:, None], 0))
+    return {"name": name, "kind": kind, **fields, "weight": q["weight"], "arrays": arrays}, wq
+
+
+def _act_layer(name, act, k, mean, beta, alpha, lo, hi):
+    thr, direction = fold_bn_levels(k, mean, beta, alpha, act.levels, lo, hi)
+    return {"name": name, "kind": "threshold", "out": dict(act.qmd_out),
+            "arrays": {"thresholds": thr, "direction": direction}}
+
+
 def cnv_layers(model, input_shape):
     """QMD layer dicts (for :func:`models.qmd.save_qmd`) of a :class:`CNV` model.
 
-    ``conv<i>`` (conv2d, binary weights in (ky, kx, c) order), ``conv<i>_act`` (threshold),
-    ``pool<i>`` (maxpool 2/2, after the activations of ``model.pool_after``), then
-    ``fc<i>``/``fc<i>_act`` and the logits ``fc<L>`` and ``class`` as for :class:`SFC`.
-    The first conv's float input is ``(q - Z)/S`` of the pixels ``q``; per channel
-    ``sum_k w_k (q_k - Z)/S = (dot_q - Z*sum_k w_k)/S``, so its threshold is folded on
-    ``dot_q`` with ``alpha/S`` and mean ``mean + alpha*Z*sum_k w_k/S``, exactly.
-    Thresholds are clamped to ``[lo-1, hi+1]`` of the layer's derived dot-product range.
+    ``conv<i>`` (conv2d, binary or ternary weights in (ky, kx, c) order, TTQ's integer
+    ``pos_scale``/``neg_scale``), ``conv<i>_act`` (threshold: one level per output step of
+    the activation, binary/ternary/uint), ``pool<i>`` (maxpool 2/2, after the activations
+    of ``model.pool_after``), then ``fc<i>``/``fc<i>_act`` and the logits ``fc<L>`` and
+    ``class`` as for :class:`SFC`. The first conv's float input is ``(q - Z)/S`` of the
+    pixels ``q``; per channel ``sum_k w_k (q_k - Z)/S = (dot_q - Z*sum_k w_k)/S`` (``w``
+    the integer weights), so its thresholds are folded on ``dot_q`` with ``alpha/S`` and
+    mean ``mean + alpha*Z*sum_k w_k/S``, exactly. Thresholds are clamped to ``[lo-1, hi+1]``
+    of the layer's derived dot-product range.
     """
     if not isinstance(model, CNV):
         raise TypeError(f"expected a CNV model, got {type(model).__name__}")
@@ -159,12 +203,13 @@ def cnv_layers(model, input_shape):
         raise ValueError("a CNV needs at least one hidden dense layer")
     layers = []
     lo, hi = 0, 255                                     # uint8 input
+    act = model.act
+    alo, ahi = _act_range(act)
     for i, (conv, bn) in enumerate(zip(model.convs, model.conv_bns)):
-        w = binary_weights(conv)                            # [Cout, Cin, K, K]
-        cout, cin, k, _ = w.shape
-        wq = w.transpose(0, 2, 3, 1).reshape(cout, k * k * cin)   # (ky, kx, c) order
-        layers.append({"name": f"conv{i}", "kind": "conv2d", "in_channels": cin, "out_channels": cout,
-                       "kernel": k, "stride": 1, "padding": 0, "weight": "binary", "arrays": {"weights": wq}})
+        cout, cin, k, _ = conv.weight.shape
+        spec, wq = _weight_layer(f"conv{i}", "conv2d", conv, in_channels=cin, out_channels=cout, kernel=k,
+                                 stride=1, padding=0)
+        layers.append(spec)
         kk, mean, beta = bn_coefficients(bn)
         alpha = conv.alpha().detach().double().numpy()
         if i == 0:
@@ -172,25 +217,37 @@ def cnv_layers(model, input_shape):
             mean = mean + alpha * zero * wq.sum(axis=1).astype(np.float64) / scale
             alpha = alpha / scale
         dlo, dhi = dot_range(wq, lo, hi)
-        thr, direction = fold_bn_sign(kk, mean, beta, alpha, max(abs(dlo), abs(dhi)))
-        layers.append(_threshold_layer(f"conv{i}_act", np.clip(thr, dlo - 1, dhi + 1), direction))
-        lo, hi = -1, 1
+        layers.append(_act_layer(f"conv{i}_act", act, kk, mean, beta, alpha, dlo, dhi))
+        lo, hi = alo, ahi
         if i in model.pool_after:
             layers.append({"name": f"pool{i}", "kind": "maxpool", "kernel": 2, "stride": 2})
     h, w_, c = model.feature_shape
     for i, (fc, bn) in enumerate(zip(model.fcs, model.bns)):
-        wf = binary_weights(fc)
-        if i == 0:   # torch flattens (C, H, W); the QMD flattens channels last (H, W, C)
-            wf = wf.reshape(-1, c, h, w_).transpose(0, 2, 3, 1).reshape(wf.shape[0], -1)
-        layers.append({"name": f"fc{i}", "kind": "dense", "in_features": fc.in_features,
-                       "out_features": fc.out_features, "weight": "binary", "arrays": {"weights": wf}})
+        # torch flattens (C, H, W); the QMD flattens channels last (H, W, C)
+        reorder = (lambda m: m.reshape(-1, c, h, w_).transpose(0, 2, 3, 1).reshape(m.shape[0], -1)) if i == 0 else None
+        spec, wq = _weight_layer(f"fc{i}", "dense", fc, reorder, in_features=fc.in_features,
+                                 out_features=fc.out_features)
+        layers.append(spec)
         kk, mean, beta = bn_coefficients(bn)
         alpha = fc.alpha().detach().double().numpy()
-        thr, direction = fold_bn_sign(kk, mean, beta, alpha, fc.in_features)
-        layers.append(_threshold_layer(f"fc{i}_act", thr, direction))
-    layers.append(_dense(f"fc{len(model.fcs)}", model.out))
+        dlo, dhi = dot_range(wq, lo, hi)
+        layers.append(_act_layer(f"fc{i}_act", act, kk, mean, beta, alpha, dlo, dhi))
+    last = len(model.fcs)
+    spec, _ = _weight_layer(f"fc{last}", "dense", model.out, in_features=model.out.in_features,
+                            out_features=model.out.out_features)
+    layers.append(spec)
     layers.append({"name": "class", "kind": "argmax"})
     return layers
+
+
+def _act_range(act):
+    """``(lo, hi)`` of an activation module's integer outputs."""
+    kind = act.qmd_out["kind"]
+    if kind == "binary":
+        return -1, 1
+    if kind == "ternary":
+        return -1, 1
+    return 0, 2 ** act.qmd_out["bits"] - 1
 
 
 EXPORTERS = {"SFC": sfc_layers, "CNV": cnv_layers}

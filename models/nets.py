@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.quant import BinaryActivation, BinaryConv2d, BinaryLinear
+from models.quant import (BinaryActivation, BinaryConv2d, BinaryLinear, TernaryActivation, TernaryConv2d,
+                          TernaryLinear, UintActivation)
 from qnnfab.errors import QnnfabError
 
 
@@ -85,12 +86,20 @@ class CNV(nn.Module):
 
     Default: 32x32x3 → conv 64, 64, pool, 128, 128, pool, 256, 256 (spatial size
     32-30-28-14-12-10-5-3-1) → dense 256-512-512-10.
+
+    The quantizers are chosen by ``weight`` (``binary``; ``twn`` or ``ttq``: ternary weights
+    with threshold ``delta_factor * mean|W|`` and, for TTQ, integer scale ratios in
+    ``1..ttq_levels``) and ``act`` (``binary``, ``ternary`` — TNN's two thresholds at
+    ``+-act_threshold`` — or ``uint<b>``, e.g. ``uint2``); the first layer always sees the
+    8-bit pixels and the last layer's weights are of the same kind, without ``alpha``.
     """
 
     def __init__(self, in_shape=(32, 32, 3), channels=(64, 64, 128, 128, 256, 256), pool_after=(1, 3),
                  kernel=3, hidden=(512, 512), classes=10, in_zero=128, in_scale=128, logit_scale=0.0625,
-                 scale=False, bn_eps=1e-5, bn_momentum=0.1):
+                 scale=False, bn_eps=1e-5, bn_momentum=0.1, weight="binary", act="binary", delta_factor=0.7,
+                 ttq_levels=8, act_threshold=0.5):
         super().__init__()
+        linear, conv = _weight_modules(weight, delta_factor, ttq_levels)
         if not logit_scale > 0:
             raise ValueError("logit_scale must be positive")
         if not in_scale > 0:
@@ -100,12 +109,12 @@ class CNV(nn.Module):
         self.kernel = int(kernel)
         self.in_zero, self.in_scale = float(in_zero), float(in_scale)
         self.logit_scale = float(logit_scale)
-        self.act = BinaryActivation()
+        self.act = _activation(act, act_threshold)
         self.convs = nn.ModuleList()
         self.conv_bns = nn.ModuleList()
         h, w, c = self.in_shape
         for i, ch in enumerate(channels):
-            self.convs.append(BinaryConv2d(c, ch, self.kernel, scale=scale))
+            self.convs.append(conv(c, ch, self.kernel, scale=scale))
             self.conv_bns.append(nn.BatchNorm2d(ch, eps=bn_eps, momentum=bn_momentum))
             h, w, c = h - self.kernel + 1, w - self.kernel + 1, ch
             if i in self.pool_after:
@@ -117,10 +126,16 @@ class CNV(nn.Module):
         self.bns = nn.ModuleList()
         width = h * w * c
         for hd in hidden:
-            self.fcs.append(BinaryLinear(width, hd, scale=scale))
+            self.fcs.append(linear(width, hd, scale=scale))
             self.bns.append(nn.BatchNorm1d(hd, eps=bn_eps, momentum=bn_momentum))
             width = hd
-        self.out = BinaryLinear(width, classes, scale=False)
+        self.out = linear(width, classes, scale=False)
+
+    def weight_densities(self):
+        """Fraction of non-zero weights per layer (QMD layer name -> density; 1.0 for binary)."""
+        mods = [(f"conv{i}", m) for i, m in enumerate(self.convs)] + [(f"fc{i}", m) for i, m in enumerate(self.fcs)]
+        mods.append((f"fc{len(self.fcs)}", self.out))
+        return {name: (m.density() if hasattr(m, "density") else 1.0) for name, m in mods}
 
     def forward(self, x, trace=False):
         """Float logits ``[B, classes]``; with ``trace=True`` an ordered dict keyed by the
@@ -143,6 +158,32 @@ class CNV(nn.Module):
                 if trace:
                     t[f"pool{i}"] = a.permute(0, 2, 3, 1)
         return _dense_head(self, a.flatten(1), t, trace)
+
+
+def _weight_modules(kind, delta_factor, levels):
+    """``(linear, conv)`` constructors of weight kind ``binary``, ``twn`` or ``ttq``, taking
+    ``(..., scale=...)`` like :class:`BinaryLinear`/:class:`BinaryConv2d`."""
+    if kind == "binary":
+        return BinaryLinear, BinaryConv2d
+    if kind not in ("twn", "ttq"):
+        raise ValueError(f"weight must be 'binary', 'twn' or 'ttq', got {kind!r}")
+
+    def linear(i, o, scale):
+        return TernaryLinear(i, o, mode=kind, scale=scale, delta_factor=delta_factor, levels=levels)
+
+    def conv(i, o, k, scale):
+        return TernaryConv2d(i, o, k, mode=kind, scale=scale, delta_factor=delta_factor, levels=levels)
+    return linear, conv
+
+
+def _activation(kind, threshold):
+    if kind == "binary":
+        return BinaryActivation()
+    if kind == "ternary":
+        return TernaryActivation(threshold)
+    if isinstance(kind, str) and kind.startswith("uint") and kind[4:].isdigit():
+        return UintActivation(int(kind[4:]))
+    raise ValueError(f"act must be 'binary', 'ternary' or 'uint<bits>', got {kind!r}")
 
 
 def _dense_head(net, a, t, trace, drops=None):
@@ -208,7 +249,35 @@ MODELS = {
                         "input normalisation) folded into integer thresholds; outputs the "
                         "integer logits (dot products) and their argmax."),
     },
+    "tnn_cifar": {
+        "net": "CNV",
+        "dataset": "cifar10",
+        "input_shape": (32, 32, 3),
+        "net_args": {"in_shape": [32, 32, 3], "channels": [64, 64, 128, 128, 256, 256], "pool_after": [1, 3],
+                     "kernel": 3, "hidden": [512, 512], "classes": 10, "in_zero": 128, "in_scale": 128,
+                     "logit_scale": 0.0625, "scale": True, "weight": "twn", "act": "ternary",
+                     "delta_factor": 0.7, "act_threshold": 0.5},
+        "epochs": 100,
+        "batch_size": 128,
+        "lr": 0.005,
+        "lr_min": 0.0,
+        "weight_decay": 0.0,
+        "augment_shift": 4,
+        "augment_flip": True,
+        "description": ("CNV with ternary weights (TWN, threshold 0.7*mean|W| per output channel) and "
+                        "ternary activations (TNN, two thresholds per channel) for CIFAR-10: uint8 RGB "
+                        "input, 3x3 valid convolutions 64-64-pool-128-128-pool-256-256 and dense "
+                        "256-512-512-10; batch norm, the TWN scales and the input normalisation folded "
+                        "into integer thresholds; zero weights skipped by the hardware."),
+    },
 }
+
+# the sparsity sweep of tnn_cifar: a larger TWN threshold factor gives sparser weights
+for _factor in (1.0, 1.4):
+    _entry = copy.deepcopy(MODELS["tnn_cifar"])
+    _entry["net_args"]["delta_factor"] = _factor
+    _entry["description"] = f"tnn_cifar with the sparser TWN threshold {_factor}*mean|W| (sparsity sweep)."
+    MODELS[f"tnn_cifar_d{round(_factor * 10)}"] = _entry
 
 
 def model_config(name):

@@ -25,7 +25,8 @@ ARRAYS = "qmd.npz"
 
 INPUT_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
 LAYER_KINDS = ("threshold", "dense", "conv2d", "maxpool", "argmax")
-WEIGHT_KINDS = ("binary",)
+WEIGHT_KINDS = ("binary", "ternary")
+SCALE_MAX = 32767           # largest TTQ pos_scale / neg_scale
 
 
 # --------------------------------------------------------------------------- activations
@@ -33,7 +34,13 @@ WEIGHT_KINDS = ("binary",)
 @dataclass(frozen=True)
 class Act:
     """How a tensor's integers are encoded: ``binary`` (values -1/+1, one bit each,
-    bit 1 = +1), ``uint`` (0 .. 2^bits-1) or ``int`` (accumulators, two's complement)."""
+    bit 1 = +1), ``ternary`` (values -1/0/+1, two bits holding ``value + 1``), ``uint``
+    (0 .. 2^bits-1) or ``int`` (accumulators, two's complement).
+
+    The hardware stores a value ``v`` as the unsigned (``int``: two's complement) code
+    ``r`` with ``v = scale*r + offset`` (:attr:`code`): binary ``(2, -1)``, ternary
+    ``(1, -1)``, the others ``(1, 0)``. A threshold stage's output code is the number of
+    met thresholds in every case."""
 
     kind: str
     bits: int
@@ -43,6 +50,10 @@ class Act:
     @staticmethod
     def binary():
         return Act("binary", 1, -1, 1)
+
+    @staticmethod
+    def ternary():
+        return Act("ternary", 2, -1, 1)
 
     @staticmethod
     def uint(bits):
@@ -55,7 +66,28 @@ class Act:
         return Act("int", bits, int(lo), int(hi))
 
     def to_json(self):
-        return {"kind": self.kind} if self.kind == "binary" else {"kind": self.kind, "bits": self.bits}
+        return {"kind": self.kind} if self.kind in ("binary", "ternary") else {"kind": self.kind, "bits": self.bits}
+
+    @property
+    def code(self):
+        """``(scale, offset)`` of the hardware encoding: value = scale * code + offset."""
+        return {"binary": (2, -1), "ternary": (1, -1)}.get(self.kind, (1, 0))
+
+    @property
+    def n_thresholds(self):
+        """Thresholds per channel of a threshold layer producing this kind (binary 1,
+        ternary 2, uint 2^bits - 1)."""
+        return {"binary": 1, "ternary": 2}.get(self.kind, 2**self.bits - 1)
+
+    def encode(self, values):
+        """The hardware codes of ``values`` (an integer array): ``(values - offset) / scale``."""
+        scale, offset = self.code
+        return (np.asarray(values, dtype=np.int64) - offset) // scale
+
+    def from_count(self, count):
+        """The value of a threshold stage's output: ``count`` met thresholds decoded."""
+        scale, offset = self.code
+        return scale * count + offset
 
 
 # --------------------------------------------------------------------------- layers
@@ -75,9 +107,19 @@ class Layer:
 
     @property
     def weights(self):
-        """Weights as an int8 -1/+1 matrix ``[outputs, fan-in]``; for conv2d the fan-in is
-        flattened in (ky, kx, c) order."""
+        """Weights as an int8 matrix ``[outputs, fan-in]`` of -1/+1 (binary) or -1/0/+1
+        (ternary); for conv2d the fan-in is flattened in (ky, kx, c) order."""
         return self.arrays["weights"]
+
+    @property
+    def int_weights(self):
+        """The integer weights the dot product uses, int64 ``[outputs, fan-in]``: the
+        signs, times ``pos_scale[o]`` where +1 and ``neg_scale[o]`` where -1 (TTQ)."""
+        w = self.arrays["weights"].astype(np.int64)
+        if "pos_scale" not in self.arrays:
+            return w
+        pos, neg = self.arrays["pos_scale"][:, None], self.arrays["neg_scale"][:, None]
+        return np.where(w > 0, pos, np.where(w < 0, -neg, 0))
 
 
 @dataclass
@@ -186,7 +228,9 @@ def _act_from_json(obj, where, layer, fld):
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise QnnfabError(f"'bits' must be an integer in 1..8, got {bits!r}", where=where(layer, fld))
         return Act.uint(bits)
-    raise QnnfabError(f"unsupported activation kind {obj['kind']!r} (supported: binary, uint)",
+    if obj["kind"] == "ternary":
+        return Act.ternary()
+    raise QnnfabError(f"unsupported activation kind {obj['kind']!r} (supported: binary, ternary, uint)",
                       where=where(layer, fld))
 
 
@@ -254,7 +298,7 @@ def _parse_threshold(layer, lj, arrays, where):
         raise QnnfabError("a threshold needs an integer input, got binary activations", where=where(n, "kind"))
     out = _act_from_json(_field(lj, "out", dict, where, n), where, n, "out")
     channels = layer.in_shape[-1]
-    nthr = 1 if out.kind == "binary" else 2**out.bits - 1
+    nthr = out.n_thresholds
     thr = _array(arrays, n, "thresholds", where, (channels, nthr)).astype(np.int64)
     direction = _array(arrays, n, "direction", where, (channels,)).astype(np.int64)
     if not np.isin(direction, (-1, 1)).all():
@@ -285,27 +329,63 @@ def _positive(lj, key, where, layer, minimum=1):
     return v
 
 
-def _binary_weights(layer, lj, arrays, where, rows, fan_in):
-    """The packed binary ``weights`` array -> int8 -1/+1 matrix ``[rows, fan_in]``."""
+def _weights(layer, lj, arrays, where, rows, fan_in):
+    """The packed ``weights`` array (binary or ternary) -> int8 matrix ``[rows, fan_in]``;
+    for ternary weights also the optional TTQ ``pos_scale``/``neg_scale`` (int64 ``[rows]``).
+    Returns ``(kind, {array name: array})``."""
     n = layer.name
     wkind = _field(lj, "weight", str, where, n)
     if wkind not in WEIGHT_KINDS:
         raise QnnfabError(f"unsupported weight kind {wkind!r} (supported: {', '.join(WEIGHT_KINDS)})",
                           where=where(n, "weight"))
-    packed = _array(arrays, n, "weights", where, (rows, (fan_in + 7) // 8), dtype_kind="u")
+    nbytes = (fan_in + 7) // 8
+    shape = (rows, nbytes) if wkind == "binary" else (rows, 2, nbytes)
+    packed = _array(arrays, n, "weights", where, shape, dtype_kind="u")
     if packed.dtype != np.uint8:
-        raise QnnfabError(f"binary weights must be packed bits of dtype uint8, got {packed.dtype}",
+        raise QnnfabError(f"{wkind} weights must be packed bits of dtype uint8, got {packed.dtype}",
                           where=where(n, "weights"))
-    bits = np.unpackbits(packed, axis=1, bitorder="little")
-    if bits[:, fan_in:].any():
+    bits = np.unpackbits(packed, axis=-1, bitorder="little")
+    if bits[..., fan_in:].any():
         raise QnnfabError("padding bits beyond the fan-in must be zero", where=where(n, "weights"))
-    return bits[:, :fan_in].astype(np.int8) * 2 - 1
+    bits = bits[..., :fan_in].astype(np.int8)
+    present = {f for f in ("pos_scale", "neg_scale") if f"{n}.{f}" in arrays}
+    if wkind == "binary":
+        if present:
+            raise QnnfabError("pos_scale/neg_scale are only defined for ternary weights",
+                              where=where(n, sorted(present)[0]))
+        return wkind, {"weights": bits * 2 - 1}
+    both = bits[:, 0] & bits[:, 1]
+    if both.any():
+        r, k = (int(v) for v in np.argwhere(both)[0])
+        raise QnnfabError(f"row {r}, fan-in index {k} is set in both the +1 and the -1 plane",
+                          where=where(n, "weights"))
+    out = {"weights": bits[:, 0] - bits[:, 1]}
+    if present:
+        if len(present) == 1:
+            missing = ({"pos_scale", "neg_scale"} - present).pop()
+            raise QnnfabError(f"missing array '{n}.{missing}' (pos_scale and neg_scale come together)",
+                              where=where(n, missing))
+        for f in ("pos_scale", "neg_scale"):
+            a = _array(arrays, n, f, where, (rows,)).astype(np.int64)
+            if a.size and (a.min() < 1 or a.max() > SCALE_MAX):
+                r = int(np.flatnonzero((a < 1) | (a > SCALE_MAX))[0])
+                raise QnnfabError(f"scales must be integers in 1..{SCALE_MAX}, row {r} has {int(a[r])}",
+                                  where=where(n, f))
+            out[f] = a
+    return wkind, out
+
+
+def dot_range(w, lo, hi):
+    """Interval arithmetic: per output ``o``, the range ``(lo[o], hi[o])`` (int64 arrays)
+    of ``sum_k w[o,k]*x[k]`` over inputs ``x`` in ``[lo, hi]``."""
+    w = np.asarray(w, dtype=np.int64)
+    a, b = w * int(lo), w * int(hi)
+    return np.minimum(a, b).sum(axis=1), np.maximum(a, b).sum(axis=1)
 
 
 def _dot_act(w, in_act):
-    """Interval arithmetic: the range of sum_k w[o,k]*x[k] over x in [lo, hi], hulled over o."""
-    hi = np.where(w > 0, in_act.hi, -in_act.lo).sum(axis=1)
-    lo = np.where(w > 0, in_act.lo, -in_act.hi).sum(axis=1)
+    """The range of sum_k w[o,k]*x[k] over x in the input's range, hulled over o."""
+    lo, hi = dot_range(w, in_act.lo, in_act.hi)
     return Act.int_range(int(lo.min()), int(hi.max()))
 
 
@@ -317,11 +397,10 @@ def _parse_dense(layer, lj, arrays, where):
     if flat != in_f:
         raise QnnfabError(f"is {in_f} but the incoming tensor {list(layer.in_shape)} has {flat} elements",
                           where=where(n, "in_features"))
-    w = _binary_weights(layer, lj, arrays, where, out_f, in_f)
-    layer.arrays = {"weights": w}
-    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": lj["weight"]}
+    wkind, layer.arrays = _weights(layer, lj, arrays, where, out_f, in_f)
+    layer.attrs = {"in_features": in_f, "out_features": out_f, "weight": wkind}
     layer.out_shape = (out_f,)
-    layer.out_act = _dot_act(w, layer.in_act)
+    layer.out_act = _dot_act(layer.int_weights, layer.in_act)
 
 
 def _spatial_input(layer, where):
@@ -346,19 +425,17 @@ def _parse_conv2d(layer, lj, arrays, where):
     if oh < 1 or ow < 1:
         raise QnnfabError(f"a {k}x{k} kernel does not fit the {h}x{w_} input with padding {pad}",
                           where=where(n, "kernel"))
-    attrs = {"in_channels": cin, "out_channels": cout, "kernel": k, "stride": stride, "padding": pad,
-             "weight": lj.get("weight")}
+    attrs = {"in_channels": cin, "out_channels": cout, "kernel": k, "stride": stride, "padding": pad}
     if pad:
         pv = _field(lj, "pad_value", int, where, n)
         allowed = (-1, 1) if layer.in_act.kind == "binary" else range(layer.in_act.lo, layer.in_act.hi + 1)
         if pv not in allowed:
             raise QnnfabError(f"{pv} is not a value of the {layer.in_act.kind} input", where=where(n, "pad_value"))
         attrs["pad_value"] = pv
-    wm = _binary_weights(layer, lj, arrays, where, cout, k * k * cin)
-    layer.arrays = {"weights": wm}
-    layer.attrs = attrs
+    wkind, layer.arrays = _weights(layer, lj, arrays, where, cout, k * k * cin)
+    layer.attrs = attrs | {"weight": wkind}
     layer.out_shape = (oh, ow, cout)
-    layer.out_act = _dot_act(wm, layer.in_act)
+    layer.out_act = _dot_act(layer.int_weights, layer.in_act)
 
 
 def _parse_maxpool(layer, lj, arrays, where):
@@ -395,9 +472,20 @@ def pack_binary(w):
     return np.packbits((w > 0).astype(np.uint8), axis=1, bitorder="little")
 
 
+def pack_ternary(w):
+    """-1/0/+1 matrix ``[out, in]`` -> the two packed bit planes stored in the npz,
+    uint8 ``[out, 2, ceil(in/8)]``: plane 0 marks the +1 weights, plane 1 the -1 weights."""
+    w = np.asarray(w)
+    if not np.isin(w, (-1, 0, 1)).all():
+        raise ValueError("ternary weights must be -1, 0 or +1")
+    planes = np.stack([(w > 0), (w < 0)], axis=1).astype(np.uint8)
+    return np.packbits(planes, axis=2, bitorder="little")
+
+
 def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None, description="", dataset=None):
     """Write a QMD. ``layers`` is a list of dicts: manifest fields plus an ``arrays``
-    dict of integer numpy arrays (binary weights as -1/+1, packed here). The result is
+    dict of integer numpy arrays (binary weights as -1/+1, ternary as -1/0/+1, packed
+    here). The result is
     read back and validated, so an exporter can never write a description it cannot load."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -411,6 +499,8 @@ def save_qmd(directory, name, input_shape, input_dtype, layers, provenance=None,
         for k, a in spec.pop("arrays", {}).items():
             if k == "weights" and spec.get("weight") == "binary":
                 a = pack_binary(a)
+            elif k == "weights" and spec.get("weight") == "ternary":
+                a = pack_ternary(a)
             elif k == "direction":
                 a = np.asarray(a, dtype=np.int8)
             else:

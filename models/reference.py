@@ -28,8 +28,8 @@ class ReferenceModel:
         self._weights = {}
         for layer in self.qmd.layers:
             if layer.kind in ("dense", "conv2d"):
-                w = layer.weights
-                bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * w.shape[1]
+                w = layer.int_weights          # signs, or TTQ's pos_scale/-neg_scale/0
+                bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * int(np.abs(w).sum(axis=1).max())
                 assert bound < _EXACT_F64, f"{layer.name}: accumulator range too large for exact float64"
                 self._weights[layer.name] = torch.from_numpy(w.astype(np.float64))
 
@@ -58,9 +58,7 @@ class ReferenceModel:
         xe = x.unsqueeze(-1)                                    # [..., C, 1]
         met = torch.where(up.unsqueeze(-1), xe >= thr, xe <= thr)
         count = met.sum(dim=-1, dtype=torch.int64)
-        if layer.out_act.kind == "binary":
-            return 2 * count - 1
-        return count
+        return layer.out_act.from_count(count)      # binary 2c-1, ternary c-1, uint c
 
     def _dense(self, layer, x):
         flat = x.reshape(x.shape[0], -1).to(torch.float64)

@@ -123,8 +123,8 @@ def augment(x, cfg):
 
 
 def _make_optimizer(model, cfg):
-    """Adam; weight decay (if any) only on parameters that are not latent binary weights."""
-    latent = [m.weight for m in model.modules() if getattr(m, "latent_binary", False)]
+    """Adam; weight decay (if any) only on parameters that are not latent binary/ternary weights."""
+    latent = [m.weight for m in model.modules() if getattr(m, "latent_clipped", False)]
     ids = {id(p) for p in latent}
     other = [p for p in model.parameters() if id(p) not in ids]
     groups = [{"params": latent, "weight_decay": 0.0},

@@ -6,6 +6,7 @@
   eval    --model M         integer reference accuracy on the test set -> build/M/eval.json
   check   --model M         validate the QMD and its folding
   synth   --model M --board B   synthesis + place-and-route -> build/M/synth-B.json/.md/.svg
+  fold    --model M (--fps F [--clock-mhz C] | --device D)   automatic folding -> a folding JSON
   train / export            quantization-aware training and export (models.train / models.export)
 
 A model is a zoo name (models/zoo/<name>) or a path to a QMD directory. Errors in user
@@ -118,30 +119,53 @@ def cmd_eval(args):
 
 
 def cmd_synth(args):
-    from boards.synth import synthesize
-    from boards.synth_report import share_svg, synth_markdown
-    from boards.targets import get_target
-    from hw.report import write_json
-    from hw.folding import default_folding_path
-    target = get_target(args.board)
-    qmd, folding = _load(args.model, args.folding, device=target.device.name)
-    folding_file = Path(args.folding) if args.folding else default_folding_path(qmd.path, target.device.name)
-    print(f"folding: {folding_file}")
-    out = build_dir(qmd.name)
-    rep = synthesize(qmd, folding, target, out / f"synth-{target.name}", seed=args.seed)
-    rep["folding_file"] = str(folding_file)
-    stem = f"synth-{target.name}"
-    write_json(out / f"{stem}.json", rep)
-    (out / f"{stem}.svg").write_text(share_svg(rep))
-    (out / f"{stem}.md").write_text(synth_markdown(rep, f"{stem}.svg"))
-    print(synth_markdown(rep, f"{stem}.svg"))
-    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}, {out / (stem + '.svg')}")
+    from boards.synth import run_synth
+    from boards.synth_report import synth_markdown
+    rep, paths = run_synth(args.model, args.board, folding_path=args.folding, seed=args.seed)
+    print(synth_markdown(rep, paths[2].name))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0 if rep["fits"] else 1
+
+
+def cmd_fold(args):
+    import json
+
+    from hw.autofold import estimate_totals, fold_for_budget, fold_for_fps
+    from hw.folding import FORMAT, validate_folding
+    qmd = _load_qmd_only(args.model)
+    if (args.fps is None) == (args.device is None):
+        raise QnnfabError("give exactly one of --fps (TARGET_FPS) or --device (DEVICE_BUDGET)")
+    if args.fps is not None:
+        folding = fold_for_fps(qmd, args.fps, args.clock_mhz)
+        family = "ecp5"
+        goal = f"{args.fps:g} frames/s at {args.clock_mhz:g} MHz"
+    else:
+        from boards.targets import get_device
+        dev = get_device(args.device)
+        folding = fold_for_budget(qmd, dev, args.utilization)
+        family = dev.family
+        goal = f"fastest within {100 * args.utilization:.0f}% of the {dev.part}'s LUTs and its block RAM"
+    validate_folding(folding, qmd, where="autofold")
+    tot = estimate_totals(qmd, folding, family)
+    out = Path(args.out) if args.out else build_dir(qmd.name) / "folding-auto.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"format": FORMAT, "goal": goal, "layers": folding}, indent=1) + "\n")
+    for name, f in folding.items():
+        print(f"  {name:10s} PE {f['pe']:4d}  SIMD {f['simd']:4d}")
+    print(f"{qmd.name}: {goal}: {tot['cycles_per_frame']:,} cycles/frame, estimated {tot['luts']:,} LUTs, "
+          f"{tot['ffs']:,} FFs, {tot['bram_blocks']} {family} block RAMs"
+          + (f", {tot['spram_blocks']} SPRAMs" if tot["spram_blocks"] else ""))
+    print(f"wrote {out}")
 
 
 def _load_qmd_only(model):
     from models.qmd import load_qmd
     d = model_dir(model)
+    if not (d / "qmd.json").is_file():
+        from models.nets import MODELS
+        if Path(model).name in MODELS:
+            raise QnnfabError(f"model '{model}' is not trained and exported yet: make train MODEL={model}, "
+                              f"then make export MODEL={model}", where=str(d / "qmd.json"))
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
     return load_qmd(d)
@@ -186,6 +210,14 @@ def main(argv=None):
                   "(default folding: <model dir>/folding-<device>.json when it exists)")
     p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p = sub.add_parser("fold", help="choose PE/SIMD per layer for a frame rate or a device budget")
+    p.add_argument("--model", required=True, help="zoo name or QMD directory")
+    p.add_argument("--fps", type=float, help="target frames per second (TARGET_FPS)")
+    p.add_argument("--clock-mhz", type=float, default=100.0, help="clock for --fps (default 100 MHz)")
+    p.add_argument("--device", help="device budget: up5k, 25f or 85f (DEVICE_BUDGET)")
+    p.add_argument("--utilization", type=float, default=0.8, help="fraction of the device's LUTs to use (0.8)")
+    p.add_argument("--out", help="folding JSON to write (default build/<model>/folding-auto.json)")
+    p.set_defaults(fn=cmd_fold)
     for name, mod in (("train", "models.train"), ("export", "models.export")):
         p = sub.add_parser(name, help=f"see python -m {mod} --help", add_help=False)
         p.set_defaults(fn=None, module=mod)

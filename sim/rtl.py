@@ -34,9 +34,10 @@ def write_verilog(acc, path, name=TOP):
 
 def stream_values(layer_out, act):
     """A reference tensor ``[frames, ...]`` as the integers its stream carries, in stream order:
-    flat channels-last order; binary values as bits (1 = +1)."""
+    flat channels-last order, as hardware codes (binary values as bits, 1 = +1; ternary
+    values as ``value + 1``; see :attr:`models.qmd.Act.code`)."""
     flat = np.asarray(layer_out).reshape(len(layer_out), -1).astype(np.int64)
-    return (flat + 1) // 2 if act is not None and act.kind == "binary" else flat
+    return act.encode(flat) if act is not None else flat
 
 
 def window_stream(x, kernel, stride, padding, pad_value):

@@ -213,3 +213,22 @@ def test_ram_weights_reload_replaces_them():
 def test_bad_weight_storage_is_rejected():
     with pytest.raises(ValueError, match="weights_storage must be 'rom' or 'ram', got 'flash'"):
         MVTU(np.ones((4, 4), dtype=int), pe=2, simd=2, weights_storage="flash")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_addsub_datapath_on_ternary_codes(seed):
+    """Binary weights after ternary activations: the stream carries codes value + 1, the
+    add/subtract datapath decodes them with in_offset = -1."""
+    rng = np.random.default_rng(70 + seed)
+    m, n = int(rng.integers(2, 9)), int(rng.choice([6, 8, 12]))
+    pe, simd = _divisor(rng, m), _divisor(rng, n)
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.integers(-1, 2, (4, n))
+    thr = rng.integers(-n // 2, n // 2 + 1, (m, 1))
+    direction = rng.choice([-1, 1], m)
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=unsigned(2), in_range=(-1, 1),
+               in_offset=-1)
+    beats = [pack(v[s * simd:(s + 1) * simd] + 1, 2) for v in x for s in range(n // simd)]
+    out, _ = run_stream(dut, beats, len(x) * (m // pe), in_stall=0.3, out_stall=0.3, seed=seed)
+    got = np.array([e for b in out for e in unpack(b, dut.out_elem.width, pe)]).reshape(len(x), m)
+    assert np.array_equal(got, _reference(x, w, thr, direction))

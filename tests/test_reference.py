@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models.reference import ReferenceModel
-from models.synthetic import random_binary_cnn, random_binary_mlp
+from models.synthetic import random_binary_cnn, random_binary_mlp, random_ternary_cnn, random_ternary_mlp
 
 
 def _spec_threshold(x, layer):
@@ -12,13 +12,25 @@ def _spec_threshold(x, layer):
     c = np.arange(x.shape[-1])
     xe = x[..., None]
     count = np.where(d[c][:, None] > 0, xe >= thr[c], xe <= thr[c]).sum(-1)
-    return 2 * count - 1 if layer.out_act.kind == "binary" else count
+    kind = layer.out_act.kind
+    return 2 * count - 1 if kind == "binary" else count - 1 if kind == "ternary" else count
+
+
+def _spec_weights(layer):
+    """The dot product's integer weights, read from the spec: the signs, and for TTQ
+    pos_scale[o] where +1 and -neg_scale[o] where -1."""
+    w = layer.weights.astype(np.int64)
+    if "pos_scale" in layer.arrays:
+        for o in range(w.shape[0]):
+            w[o] = [layer.arrays["pos_scale"][o] if v > 0 else -layer.arrays["neg_scale"][o] if v < 0 else 0
+                    for v in w[o]]
+    return w
 
 
 def _spec_conv(x, layer):
     a = layer.attrs
     k, s, p = a["kernel"], a["stride"], a["padding"]
-    w = layer.weights.reshape(-1, k, k, a["in_channels"]).astype(np.int64)
+    w = _spec_weights(layer).reshape(-1, k, k, a["in_channels"])
     h, wd, _ = x.shape
     xp = np.full((h + 2 * p, wd + 2 * p, x.shape[2]), a.get("pad_value", 0), dtype=np.int64)
     xp[p:p + h, p:p + wd] = x
@@ -45,7 +57,7 @@ def _spec_run(qmd, image):
         if layer.kind == "threshold":
             x = _spec_threshold(x, layer)
         elif layer.kind == "dense":
-            x = layer.weights.astype(np.int64) @ x.reshape(-1)
+            x = _spec_weights(layer) @ x.reshape(-1)
         elif layer.kind == "conv2d":
             x = _spec_conv(x, layer)
         elif layer.kind == "maxpool":
@@ -60,7 +72,12 @@ def _spec_run(qmd, image):
     lambda d: random_binary_mlp(d, [20, 12, 6], input_shape=[5, 4, 1], seed=4),
     lambda d: random_binary_cnn(d, seed=5),
     lambda d: random_binary_cnn(d, input_shape=(9, 7, 2), convs=((3, 3, 2, 1, False), (4, 2, 1, 1, True)), seed=6),
-], ids=["mlp", "cnn-pad-pool", "cnn-stride2"])
+    lambda d: random_ternary_mlp(d, [20, 12, 8, 6], input_shape=[5, 4], act="ternary", seed=7),
+    lambda d: random_ternary_mlp(d, [20, 12, 8, 6], act="uint2", ttq=True, zero_layer=1, seed=8),
+    lambda d: random_ternary_cnn(d, act="ternary", ttq=True, seed=9),
+    lambda d: random_ternary_cnn(d, input_shape=(9, 7, 2), convs=((3, 3, 2, 1, True), (4, 2, 1, 1, False)),
+                                 act="uint2", density=0.2, seed=10),
+], ids=["mlp", "cnn-pad-pool", "cnn-stride2", "tnn-mlp", "ttq-mlp-uint2-zero-layer", "ttq-cnn", "tnn-cnn-uint2"])
 def test_reference_equals_the_spec_read_literally(tmp_path, make):
     qmd = make(tmp_path)
     rng = np.random.default_rng(0)

@@ -1,0 +1,183 @@
+"""Analytic resource model of the pipeline stages, calibrated against Yosys.
+
+:func:`estimate_stage` gives a stage's LUTs, flip-flops, memory bits and block-RAM blocks
+for an FPGA family (``ecp5`` or ``ice40``). Logic is a first-order model per engine
+(:func:`logic_features`: XNOR/add-subtract lanes, popcount and accumulator widths,
+comparators, counters), scaled by per-engine, per-family factors fitted to Yosys'
+mapping of real engines: ``luts = a * model + b`` (``hw/calibration.json``, written by
+``python -m boards.calibrate``; ``make calibrate``). Memories are counted from the
+engine's memory shapes: a memory of at most ``LUTRAM_BITS`` bits or ``LUTRAM_DEPTH``
+words maps to LUT RAM or flip-flops, a larger one to the fewest block-RAM blocks over the family's width x depth
+configurations (ECP5 DP16KD/PDPW16KD, iCE40 SB_RAM40_4K; iCE40 run-time-loaded weights
+to 16 x 16K SPRAMs).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from hw.arith import bits_for
+
+CALIBRATION = Path(__file__).with_name("calibration.json")
+FAMILIES = ("ecp5", "ice40")
+LUTRAM_BITS = 1024   # a memory this small, or one at most LUTRAM_DEPTH deep, is not given block RAM
+LUTRAM_DEPTH = 32
+
+# block RAM configurations: (bits per block, [(width, depth), ...])
+BRAM_CONFIGS = {
+    "ecp5": (18432, [(1, 16384), (2, 8192), (4, 4096), (9, 2048), (18, 1024), (36, 512)]),
+    "ice40": (4096, [(2, 2048), (4, 1024), (8, 512), (16, 256)]),
+}
+SPRAM_CONFIG = (262144, [(16, 16384)])
+
+
+def _ternary_model(s):
+    """Zero-skip engine: compressed schedule memory, per-PE input bank copies, partial-sum and
+    output FIFOs; per lane an accumulator (+ select/negate), per PE an adder tree and comparators."""
+    from hw.network import code_shape
+    layer = s.layers[0]
+    m, n = layer.weights.shape
+    nf, sf = m // s.pe, n // s.simd
+    act = layer.in_act
+    in_bits = code_shape(act).width
+    xmax = max(abs(act.lo), abs(act.hi))
+    ttq = "pos_scale" in layer.arrays
+    parts = 2 if ttq else 1
+    part = bits_for(sf * xmax) + 1
+    wq = layer.int_weights
+    dot = bits_for(int(np.abs(wq).sum(axis=1).max()) * xmax) + 1
+    n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
+    scale_bits = bits_for(int(max(layer.arrays["pos_scale"].max(), layer.arrays["neg_scale"].max()))) if ttq else 0
+    param_bits = m * (n_thr * (dot + 1) + (1 if n_thr else 0) + 2 * scale_bits)
+    lanes = s.pe * s.simd
+    fifo_bits = (2 * nf + 2) * (lanes * parts * part + s.pe * s.out_shape.width)
+    ptr = bits_for(max(1, s.params["busiest_lane_slots"]))
+    luts = lanes * (parts * part + in_bits + 2 * ptr + 4) + s.pe * (s.simd * parts * (part + 2) + n_thr * dot
+                                                                    + 2 * scale_bits * part)
+    ffs = lanes * (parts * part + ptr + bits_for(nf) + 8) + s.pe * (2 * bits_for(2 * nf + 2) + bits_for(nf)) + 16
+    return {"weight_bits": s.params["schedule_bits"], "weight_bits_dense": 2 * m * n,
+            "buffer_bits": s.pe * 2 * n * in_bits + param_bits + fifo_bits, "luts": luts, "ffs": ffs}
+
+
+def _mvtu_params(s):
+    layer = s.layers[0]
+    m, n = layer.weights.shape
+    binary_in = s.engine == "xnor_mvtu"
+    in_bits = 1 if binary_in else layer.in_act.bits
+    if binary_in:
+        acc = bits_for(n)
+    else:
+        acc = bits_for(n * max(abs(layer.in_act.lo), abs(layer.in_act.hi))) + 1
+    n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
+    return m, n, in_bits, acc, n_thr
+
+
+def logic_features(s):
+    """The uncalibrated first-order (LUTs, FFs) of stage ``s``."""
+    if s.engine.endswith("_mvtu"):
+        m, n, in_bits, acc, n_thr = _mvtu_params(s)
+        folds = bits_for(m * n // (s.pe * s.simd))
+        # per lane an XNOR (or a conditional negate) and its share of the adder tree;
+        # per PE the accumulator adder and register, comparators, the output register
+        luts = 2 * s.pe * s.simd * in_bits + s.pe * acc * (2 + n_thr) + 4 * folds
+        ffs = s.pe * (acc + s.out_shape.width) + s.simd * in_bits + 3 * folds
+        return luts, ffs
+    lanes = max(s.in_lanes, s.out_lanes)
+    width = s.out_shape.width if s.out_shape is not None else 8
+    if s.engine == "threshold_unit":
+        t = len(s.layers[0].arrays["thresholds"][0])
+        in_w = s.layers[0].in_act.bits
+        return lanes * t * in_w // 2, lanes * width
+    if s.engine == "sliding_window":
+        p = s.params
+        depth = (2 * p["kernel"] + p["stride"]) * p["width"] * p["channels"] // lanes
+        return lanes * width + 8 * bits_for(depth), lanes * width + 6 * bits_for(depth)
+    if s.engine == "maxpool":
+        return 2 * lanes * width, 2 * lanes * width
+    if s.engine == "width_converter":
+        return lanes * width, 2 * lanes * width
+    if s.engine == "argmax_output":
+        c, w = s.params["classes"], s.params["logit_shape"].width
+        return s.in_lanes * 2 * w + c * w // 2, 2 * c * w
+    raise ValueError(f"no resource model for engine {s.engine!r}")
+
+
+def memories(s):
+    """``[(name, width, depth, kind)]`` of the memories in stage ``s``; kind is ``rom``
+    (initialised weights/thresholds), ``ram`` (run-time loaded weights) or ``buffer``."""
+    if s.engine.endswith("_mvtu"):
+        m, n, in_bits, acc, n_thr = _mvtu_params(s)
+        nf, sf = m // s.pe, n // s.simd
+        mems = [("weights", s.pe * s.simd, nf * sf, s.weights or "rom"),
+                ("input", s.simd * in_bits, 2 * sf, "buffer")]
+        if n_thr:
+            thr_w = bits_for(n + 1) + 1
+            mems.append(("thresholds", s.pe * (n_thr * thr_w + 1), nf, "rom"))
+        return mems
+    if s.engine == "sliding_window":
+        p = s.params
+        rows = 2 * p["kernel"] + p["stride"]
+        return [("lines", s.in_lanes * s.out_shape.width, rows * p["width"] * p["channels"] // s.in_lanes, "buffer")]
+    if s.engine == "maxpool":
+        p = s.params
+        return [("partial", s.in_lanes * s.out_shape.width, (p["width"] // p["kernel"]) * p["channels"] // s.in_lanes,
+                 "buffer")]
+    return []
+
+
+def bram_blocks(width, depth, family, kind="rom"):
+    """Block-RAM blocks for one ``width x depth`` memory (0 if it goes to LUT RAM/FFs);
+    returns ``(blocks, bits per block)``."""
+    bits, configs = SPRAM_CONFIG if (kind == "ram" and family == "ice40") else BRAM_CONFIGS[family]
+    if (width * depth <= LUTRAM_BITS or depth <= LUTRAM_DEPTH) and kind != "ram":
+        return 0, bits
+    return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in configs), bits
+
+
+def load_calibration(path=CALIBRATION):
+    """The fitted factors ``{family: {engine: {"luts": [a, b], "ffs": [a, b]}}}`` ({} if absent)."""
+    path = Path(path)
+    return json.loads(path.read_text())["factors"] if path.is_file() else {}
+
+
+_CAL = None
+
+
+def _calibration():
+    global _CAL
+    if _CAL is None:
+        _CAL = load_calibration()
+    return _CAL
+
+
+def estimate_stage(s, family="ecp5", calibration=None):
+    """Estimated resources of stage ``s`` on ``family``: ``luts``, ``ffs``, ``weight_bits``,
+    ``buffer_bits``, ``bram_blocks``, ``bram_bits`` (capacity of those blocks), ``spram_blocks``
+    and ``calibrated`` (whether fitted factors were applied)."""
+    cal = (_calibration() if calibration is None else calibration).get(family, {}).get(s.engine)
+    if s.engine == "ternary_mvtu":
+        # not calibrated yet: the compressed schedule and buffers as one memory figure
+        t = _ternary_model(s)
+        n, bits = bram_blocks(1, t["weight_bits"], family)
+        return {**t, "bram_blocks": n, "spram_blocks": 0, "bram_bits": n * bits, "calibrated": False}
+    luts, ffs = logic_features(s)
+    if cal:
+        luts = cal["luts"][0] * luts + cal["luts"][1]
+        ffs = cal["ffs"][0] * ffs + cal["ffs"][1]
+    weight_bits = buffer_bits = blocks = spram = bram_bits = 0
+    for name, width, depth, kind in memories(s):
+        if name == "weights":
+            weight_bits += width * depth
+        else:
+            buffer_bits += width * depth
+        n, bits = bram_blocks(width, depth, family, kind)
+        if kind == "ram" and family == "ice40":
+            spram += n
+        else:
+            blocks += n
+        bram_bits += n * bits
+    return {"luts": max(0, round(luts)), "ffs": max(0, round(ffs)), "weight_bits": weight_bits,
+            "buffer_bits": buffer_bits, "bram_blocks": blocks, "spram_blocks": spram, "bram_bits": bram_bits,
+            "calibrated": bool(cal)}

@@ -1,0 +1,74 @@
+"""Automatic folding: every layer meets the target with the least parallelism, the
+result is a valid folding, and the device-budget search returns the fastest fitting one."""
+
+import pytest
+
+from boards.targets import get_device
+from hw.autofold import (_candidates, estimate_totals, fits, fold_for_budget, fold_for_cycles, fold_for_fps,
+                         layer_cycles)
+from hw.folding import validate_folding
+from hw.network import frame_cycles, plan_network
+from models.qmd import load_qmd
+from models.synthetic import random_binary_cnn
+from qnnfab.errors import QnnfabError
+from qnnfab.paths import ZOO_DIR
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_qmd(ZOO_DIR / "bnn_mnist")
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    return random_binary_cnn(tmp_path_factory.mktemp("cnn") / "q", input_shape=(12, 12, 3), seed=4, classes=10,
+                             convs=((16, 3, 1, 1, True), (32, 3, 1, 0, False), (32, 3, 2, 1, False)))
+
+
+@pytest.mark.parametrize("target", [1, 10, 256, 1000, 4096, 50_000, 10**9])
+@pytest.mark.parametrize("which", ["mnist", "cnn"])
+def test_each_layer_meets_target_with_least_parallelism(request, which, target):
+    qmd = request.getfixturevalue(which)
+    folding = fold_for_cycles(qmd, target)
+    validate_folding(folding, qmd)
+    stages = plan_network(qmd, folding)          # raises if the stream widths do not fit together
+    prev_pe = None
+    for layer in qmd.layers:
+        if layer.kind not in ("dense", "conv2d"):
+            continue
+        f = folding[layer.name]
+        cyc = layer_cycles(layer, f["pe"], f["simd"])
+        cands = _candidates(layer, prev_pe)
+        best = min(layer_cycles(layer, *c) for c in cands)
+        if best <= target:
+            assert cyc <= target
+            lanes = f["pe"] * f["simd"]
+            assert all(pe * simd >= lanes for pe, simd in cands if layer_cycles(layer, pe, simd) <= target)
+        else:
+            assert cyc == best          # cannot reach the target: as fast as it can go
+        prev_pe = f["pe"]
+    if target >= 4096:
+        assert frame_cycles(stages) <= target
+
+
+def test_fps_mode_and_known_mnist_folding(mnist):
+    f = fold_for_fps(mnist, 390_625, 100.0)   # 256 cycles/frame, the shipped folding's rate
+    assert frame_cycles(plan_network(mnist, f)) == 256
+    assert f["fc0"] == {"pe": 16, "simd": 49}
+    with pytest.raises(QnnfabError, match="positive"):
+        fold_for_fps(mnist, 0, 100.0)
+
+
+def test_budget_search_is_fastest_that_fits(cnn):
+    dev = get_device("25f")
+    folding = fold_for_budget(cnn, dev, utilization=0.05)
+    t = estimate_totals(cnn, folding, dev.family)
+    assert fits(t, dev, 0.05)
+    faster = fold_for_cycles(cnn, t["cycles_per_frame"] - 1)
+    if frame_cycles(plan_network(cnn, faster)) < t["cycles_per_frame"]:
+        assert not fits(estimate_totals(cnn, faster, dev.family), dev, 0.05)
+
+
+def test_budget_that_cannot_fit_is_one_line_error(mnist):
+    with pytest.raises(QnnfabError, match=r"does not fit the iCE40UP5K even fully folded: .*EBR"):
+        fold_for_budget(mnist, get_device("up5k"))
