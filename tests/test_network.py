@@ -204,3 +204,14 @@ def test_cnn_frame_interval_is_the_slowest_stage(tmp_path):
     analytic = frame_cycles(acc.stages)
     measured = np.diff(cycles)[2:]
     assert abs(measured.mean() - analytic) <= 0.05 * analytic, (measured, analytic)
+
+
+def test_run_time_weights_on_a_ternary_layer_are_refused(tmp_path):
+    from models.synthetic import random_ternary_mlp
+    qmd = random_ternary_mlp(tmp_path, [16, 8, 4], density=0.5, seed=1)
+    folding = {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 2}}
+    with pytest.raises(QnnfabError, match=r"layer 'fc0' field 'weights': run-time loaded \("
+                                          r"\"ram\"\) weights are supported for binary weights only"):
+        plan_network(qmd, folding)
+    folding["fc0"]["weights"] = "rom"
+    assert [s.weights for s in plan_network(qmd, folding) if s.engine == "ternary_mvtu"] == ["rom", "rom"]
