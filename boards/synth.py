@@ -269,7 +269,7 @@ def synthesize(qmd, folding, target, out, seed=1):
     layers = []
     for s in stages:
         layers.append({"name": s.name, "engine": s.engine, "pe": s.pe, "simd": s.simd, "weights": s.weights,
-                       "cycles_per_frame": s.cycles_per_frame, "estimated": estimate_stage(s),
+                       "cycles_per_frame": s.cycles_per_frame, "estimated": estimate_stage(s, dev.family),
                        "actual": per_stage.get(s.name)})
     bram_bits = totals["ebr"] * dev.ebr_bits + totals["spram"] * dev.spram_bits
     return {
