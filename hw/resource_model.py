@@ -133,7 +133,7 @@ def memories(s):
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         nf, sf = m // s.pe, n // s.simd
-        mems = [("weights", s.pe * s.simd, nf * sf, s.params.get("weights", "rom")),
+        mems = [("weights", s.pe * s.simd, nf * sf, s.weights or "rom"),
                 ("input", s.simd * in_bits, 2 * sf, "buffer")]
         if n_thr:
             thr_w = bits_for(n + 1) + 1

@@ -22,10 +22,12 @@ from qnnfab.errors import QnnfabError
 from qnnfab.paths import build_dir, model_dir
 
 
-def _load(model, folding_path=None):
-    from hw.folding import FILENAME, load_folding
+def _load(model, folding_path=None, device=None):
+    """The QMD and its folding: ``folding_path``, else ``folding-<device>.json`` when ``device``
+    is given and the model has one, else ``folding.json``."""
+    from hw.folding import default_folding_path, load_folding
     qmd = _load_qmd_only(model)
-    folding = load_folding(Path(folding_path) if folding_path else qmd.path / FILENAME, qmd)
+    folding = load_folding(Path(folding_path) if folding_path else default_folding_path(qmd.path, device), qmd)
     return qmd, folding
 
 
@@ -170,9 +172,16 @@ def _load_qmd_only(model):
 
 
 def cmd_check(args):
+    from hw.folding import load_folding
     qmd, folding = _load(args.model, args.folding)
     print(f"{qmd.path}: valid QMD v1 '{qmd.name}', {len(qmd.layers)} layers; folding valid for "
           f"{len(folding)} folded layers")
+    if not args.folding:          # the per-device foldings shipped next to it, too
+        for path in sorted(qmd.path.glob("folding-*.json")):
+            f = load_folding(path, qmd)
+            loaded = [n for n, e in f.items() if e["weights"] == "ram"]
+            print(f"{path.name}: valid for {len(f)} folded layers"
+                  + (f"; run-time loaded weights: {', '.join(loaded)}" if loaded else ""))
 
 
 def main(argv=None):
@@ -197,7 +206,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.set_defaults(fn=cmd_eval)
     model_cmd("check", cmd_check, "validate a QMD and its folding")
-    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device")
+    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device "
+                  "(default folding: <model dir>/folding-<device>.json when it exists)")
     p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     p = sub.add_parser("fold", help="choose PE/SIMD per layer for a frame rate or a device budget")
