@@ -151,7 +151,8 @@ def cmd_fold(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"format": FORMAT, "goal": goal, "layers": folding}, indent=1) + "\n")
     for name, f in folding.items():
-        print(f"  {name:10s} PE {f['pe']:4d}  SIMD {f['simd']:4d}")
+        print(f"  {name:10s} PE {f['pe']:4d}  SIMD {f['simd']:4d}" + ("  weights in RAM (loaded at run time)"
+                                                                       if f.get("weights") == "ram" else ""))
     print(f"{qmd.name}: {goal}: {tot['cycles_per_frame']:,} cycles/frame, estimated {tot['luts']:,} LUTs, "
           f"{tot['ffs']:,} FFs, {tot['bram_blocks']} {family} block RAMs"
           + (f", {tot['spram_blocks']} SPRAMs" if tot["spram_blocks"] else ""))
