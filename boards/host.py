@@ -1,11 +1,14 @@
 """Host side of the board protocol: send real test images to a board over its UART and
 compare every returned class and logit with the integer reference.
 
-    python -m boards.host --port /dev/ttyUSB1 --model bnn_mnist [--images 100] [--baud 115200]
+    python -m boards.host --port /dev/ttyUSB1 --model bnn_mnist --board icebreaker [--images 100] [--baud 115200]
 
-The board must run the bitstream of the same model and folding (``BoardTop``). Prints
-hardware and reference accuracy, every mismatching image and frames/s; exits 0 when every
-integer agrees, 1 on any mismatch or error reply, 2 on bad input (one line ``error: ...``).
+The board must run the bitstream of the same model and folding (``BoardTop``): ``--folding``,
+or with ``--board`` the model's ``folding-<device>.json`` when it exists (as ``qnnfab
+synth`` picks it), else ``folding.json``. A design with run-time loaded weights gets them
+first (``'W'`` + the weight image, answered ``'K'``). Prints hardware and reference
+accuracy, every mismatching image and frames/s; exits 0 when every integer agrees, 1 on
+any mismatch or error reply, 2 on bad input (one line ``error: ...``).
 Needs pyserial (``pyserial==3.5`` in requirements.txt).
 """
 
@@ -31,6 +34,27 @@ def open_port(port, baud, timeout):
         return serial.Serial(port, baudrate=baud, bytesize=8, parity="N", stopbits=1, timeout=timeout)
     except (serial.SerialException, ValueError) as e:
         raise QnnfabError(f"cannot open the serial port: {e}", where=port) from None
+
+
+def load_weights(port, fmt, image, seconds):
+    """Send ``'W'`` and the weight image; wait up to ``seconds`` for the ``'K'``. The board must
+    have no reply outstanding (send it first in a session)."""
+    port.write(fmt.encode_weights(image))
+    where = getattr(port, "port", None) or "port"
+    old = getattr(port, "timeout", None)
+    if old is not None:
+        port.timeout = seconds
+    try:
+        reply = fmt.read_reply(port.read)
+    except ProtocolError as e:
+        raise QnnfabError(f"weights: {e.message} (is the board running this model's bitstream at this baud?)",
+                          where=where) from None
+    finally:
+        if old is not None:
+            port.timeout = old
+    if reply.kind != "K":
+        what = f"'E' {chr(reply.command)!r}" if reply.kind == "E" else "a result"
+        raise QnnfabError(f"the board answered {what} to the weight load instead of 'K'", where=where)
 
 
 def run_session(port, fmt, images, expect_cls, expect_logits, *, window=2, log=print):
@@ -75,7 +99,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m boards.host", description=__doc__.split("\n")[0])
     parser.add_argument("--port", required=True, help="serial device, e.g. /dev/ttyUSB1")
     parser.add_argument("--model", required=True, help="zoo name or QMD directory (the bitstream's model)")
-    parser.add_argument("--folding", help="folding JSON (default: <model dir>/folding.json)")
+    parser.add_argument("--folding", help="folding JSON (default: <model dir>/folding-<device>.json for --board "
+                                          "when it exists, else <model dir>/folding.json)")
+    parser.add_argument("--board", help="the bitstream's board (icebreaker, ...): picks the model's folding for "
+                                        "its device")
     parser.add_argument("--images", type=int, default=100, help="test images to send (default 100)")
     parser.add_argument("--offset", type=int, default=0, help="index of the first test image (default 0)")
     parser.add_argument("--baud", type=int, default=115200, help="baud rate of the bitstream (default 115200)")
@@ -87,7 +114,11 @@ def main(argv=None):
         for name in ("images", "window", "baud"):
             if getattr(args, name) < 1:
                 raise QnnfabError(f"must be at least 1, got {getattr(args, name)}", where=f"--{name}")
-        qmd, folding = _load(args.model, args.folding)
+        device = None
+        if args.board is not None:
+            from boards.targets import get_target
+            device = get_target(args.board).device.name
+        qmd, folding = _load(args.model, args.folding, device=device)
         fmt = BoardFormat.from_model(qmd, folding)
         images, labels = _dataset(qmd)
         if not 0 <= args.offset < len(images):
@@ -104,6 +135,11 @@ def main(argv=None):
             time.sleep(SETTLE_S)               # let an image abandoned by a previous run time out
             if hasattr(port, "reset_input_buffer"):
                 port.reset_input_buffer()
+            if fmt.weight_bytes:
+                from hw.network import weight_image
+                t0 = time.perf_counter()
+                load_weights(port, fmt, weight_image(qmd, folding), 2.0 + 10 * (1 + fmt.weight_bytes) / args.baud)
+                print(f"loaded {fmt.weight_bytes:,} weight bytes ('W' -> 'K') in {time.perf_counter() - t0:.2f} s")
             rep = run_session(port, fmt, images, exp_cls, exp_logits, window=args.window)
         finally:
             port.close()

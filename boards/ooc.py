@@ -7,7 +7,10 @@ bit per cycle from pin ``din``, ``pixels.valid`` and ``result.ready`` come from 
 every output bit (``pixels.ready``, ``result.valid`` and the result payload) is XOR-reduced
 into one registered pin ``dout``. Nothing can be optimized away, and the overhead (one
 flip-flop per pixel-beat bit, an XOR tree over the result) is small and the same for
-every folding. ECP5 runs use nextpnr's ``--out-of-context`` mode on the accelerator itself.
+every folding. An accelerator with run-time loaded weights also gets pins
+``weights_valid`` and ``weights_reload``; its ``weights`` byte is the low byte of the
+same shift register, and ``weights.ready`` and ``weights_loaded`` join the XOR. ECP5 runs
+use nextpnr's ``--out-of-context`` mode on the accelerator itself.
 """
 
 from amaranth.hdl import Cat, Module, Signal
@@ -16,16 +19,16 @@ from amaranth.lib.wiring import In, Out
 
 
 class PinHarness(wiring.Component):
-    """Wraps ``acc`` (an :class:`hw.network.Accelerator`) behind four one-bit pins."""
-
-    din: In(1)
-    pixels_valid: In(1)
-    result_ready: In(1)
-    dout: Out(1)
+    """Wraps ``acc`` (an :class:`hw.network.Accelerator`) behind four (six with run-time
+    weights) one-bit pins."""
 
     def __init__(self, acc):
         self.acc = acc
-        super().__init__()
+        members = {"din": In(1), "pixels_valid": In(1), "result_ready": In(1), "dout": Out(1)}
+        self.has_weights = bool(acc.loaded_stages)
+        if self.has_weights:
+            members.update({"weights_valid": In(1), "weights_reload": In(1)})
+        super().__init__(members)
 
     def elaborate(self, platform):
         m = Module()
@@ -38,5 +41,10 @@ class PinHarness(wiring.Component):
             acc.pixels.valid.eq(self.pixels_valid),
             acc.result.ready.eq(self.result_ready),
         ]
-        m.d.sync += self.dout.eq(Cat(acc.pixels.ready, acc.result.valid, acc.result.payload.as_value()).xor())
+        observed = [acc.pixels.ready, acc.result.valid, acc.result.payload.as_value()]
+        if self.has_weights:
+            m.d.comb += [acc.weights.payload.eq(shift[:8]), acc.weights.valid.eq(self.weights_valid),
+                         acc.weights_reload.eq(self.weights_reload)]
+            observed += [acc.weights.ready, acc.weights_loaded]
+        m.d.sync += self.dout.eq(Cat(*observed).xor())
         return m

@@ -4,10 +4,14 @@ decoding. The host script (:mod:`boards.host`) and the board-level simulation
 docs/board-protocol.md is its description.
 
 Host -> board: ``'I'`` then the frame's ``H*W*C`` input values, one byte each, in
-channels-last row-major order (uint8, or int8 as two's complement). Board -> host, one
-reply per command in command order: ``'R', class, logits`` where each logit is
-``logit_bytes`` little-endian two's complement bytes; or ``'E', command byte`` for an
-unknown command, or for an image whose bytes stopped arriving (its result is dropped).
+channels-last row-major order (uint8, or int8 as two's complement); ``'W'`` then exactly
+``weight_bytes`` bytes, the run-time weight image (:func:`hw.network.weight_image`), for
+a design with ``"ram"`` weights. Board -> host, one reply per command in command order:
+``'R', class, logits`` where each logit is ``logit_bytes`` little-endian two's
+complement bytes; ``'K'`` when a weight load is complete; or ``'E', command byte`` for an
+unknown command (``'W'`` included on a design without run-time weights), for an image
+whose bytes stopped arriving or that came before the weights (no result), or for a weight
+load whose bytes stopped arriving.
 """
 
 import math
@@ -18,9 +22,10 @@ import numpy as np
 from qnnfab.errors import QnnfabError
 
 CMD_IMAGE = ord("I")
-CMD_WEIGHTS = ord("W")       # reserved: weight loading (e.g. into iCE40 SPRAM); answered 'E' today
+CMD_WEIGHTS = ord("W")       # run-time weight load (e.g. into iCE40 SPRAM); 'E' 'W' on a design without
 REPLY_RESULT = ord("R")
 REPLY_ERROR = ord("E")
+REPLY_LOADED = ord("K")      # the weights of a 'W' are all in place
 ERROR_REPLY_BYTES = 2
 
 
@@ -30,8 +35,8 @@ class ProtocolError(QnnfabError):
 
 @dataclass(frozen=True)
 class Reply:
-    """One decoded reply: ``kind`` is ``'R'`` (``cls``, ``logits`` set) or ``'E'``
-    (``command``: the byte the board refused)."""
+    """One decoded reply: ``kind`` is ``'R'`` (``cls``, ``logits`` set), ``'K'`` (weights
+    loaded) or ``'E'`` (``command``: the byte the board refused)."""
 
     kind: str
     cls: int = None
@@ -47,13 +52,16 @@ class BoardFormat:
     signed: bool             # int8 inputs (two's complement bytes) instead of uint8
     classes: int
     logit_width: int         # bits of the hardware's signed logits
+    weight_bytes: int = 0    # bytes after 'W' (the run-time weight image); 0: nothing to load
 
     @classmethod
     def from_stages(cls, qmd, stages):
         """From a QMD and its planned stages (:func:`hw.network.plan_network`)."""
+        from hw.network import weight_image_bytes
         last = stages[-1]
         return cls(tuple(int(d) for d in qmd.input_shape), qmd.input_act.lo < 0,
-                   int(last.params["classes"]), int(last.params["logit_shape"].width))
+                   int(last.params["classes"]), int(last.params["logit_shape"].width),
+                   weight_image_bytes(stages))
 
     @classmethod
     def from_model(cls, qmd, folding):
@@ -92,6 +100,17 @@ class BoardFormat:
                               where="image")
         return bytes([CMD_IMAGE]) + (x.astype(np.int64) & 0xFF).astype(np.uint8).tobytes()
 
+    def encode_weights(self, image):
+        """``'W'`` and the weight image (``weight_bytes`` bytes, :func:`hw.network.weight_image`)."""
+        image = bytes(image)
+        if not self.weight_bytes:
+            raise QnnfabError("this design has no run-time loaded weights (no \"ram\" layer in its folding)",
+                              where="weights")
+        if len(image) != self.weight_bytes:
+            raise QnnfabError(f"weight image of {len(image)} bytes, the design loads {self.weight_bytes}",
+                              where="weights")
+        return bytes([CMD_WEIGHTS]) + image
+
     def encode_result(self, cls, logits):
         """The ``'R'`` reply the board sends for ``cls`` and ``logits`` (for fakes and tests)."""
         b = self.logit_bytes
@@ -121,8 +140,10 @@ class BoardFormat:
             if len(rest) != ERROR_REPLY_BYTES - 1:
                 raise ProtocolError("truncated 'E' reply (timeout)", where="reply")
             return Reply("E", command=rest[0])
+        if head[0] == REPLY_LOADED:
+            return Reply("K")
         if head[0] != REPLY_RESULT:
-            raise ProtocolError(f"reply starts with byte 0x{head[0]:02x}, neither 'R' nor 'E'", where="reply")
+            raise ProtocolError(f"reply starts with byte 0x{head[0]:02x}, not 'R', 'K' or 'E'", where="reply")
         rest = read(self.result_bytes - 1)
         if len(rest) != self.result_bytes - 1:
             raise ProtocolError(f"truncated 'R' reply: {1 + len(rest)} of {self.result_bytes} bytes (timeout)",

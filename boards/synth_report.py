@@ -56,32 +56,44 @@ def _table(headers, rows):
     return "\n".join(out)
 
 
+def _load_text(load):
+    if not load or not load["layers"]:
+        return "all initialised in the bitstream"
+    return (f"{load['bits']:,} bits loaded at run time ('W' + {load['bytes']:,} bytes over the UART) for "
+            + ", ".join(f"`{n}`" for n in load["layers"]))
+
+
 def synth_markdown(rep, svg_name):
     """The human-readable synthesis report."""
     dev = rep["device_blocks"]
     rows = []
     for l in rep["layers"]:
         a, e = l["actual"] or {}, l["estimated"]
-        rows.append((l["name"], l["engine"], l["pe"], l["simd"], l["cycles_per_frame"], e["luts"], a.get("luts"),
+        rows.append((l["name"], l["engine"], l["pe"], l["simd"], l.get("weights"), l["cycles_per_frame"], e["luts"],
+                     a.get("luts"),
                      e["ffs"], a.get("ffs"), _bram_bits(a, dev) if a else None))
     fmax = rep["fmax_mhz"]
     lines = [
         f"# {rep['model']} on {rep['target']} ({rep['device']})",
         "",
+        *([f"Folding: `{rep['folding_file']}`.", ""] if rep.get("folding_file") else []),
         f"- fits: **{'yes' if rep['fits'] else 'NO'}**" + (f" ({rep['failure']})" if rep.get("failure") else ""),
         f"- LUTs {rep['luts']:,} / {rep['budget']['luts']:,}, FFs {rep['ffs']:,} / {rep['budget']['ffs']:,}, "
         f"block RAM {rep['bram_bits']:,} / {rep['budget']['bram_bits']:,} bits "
         f"({rep['bram_blocks']['ebr']} EBR, {rep['bram_blocks']['spram']} SPRAM), DSP {rep['dsp']} / {rep['budget']['dsp']}",
-        f"- Fmax (nextpnr): **{fmax} MHz**" if fmax else "- Fmax: not available (place-and-route did not finish)",
+        (f"- Fmax (nextpnr): **{fmax} MHz**" + (f" (target {rep['target_mhz']:g} MHz: "
+                                                 f"{'met' if rep['timing_met'] else 'NOT met'})"
+                                                 if rep.get("target_mhz") else "")
+         if fmax else "- Fmax: not available (place-and-route did not finish)"),
         f"- cycles per frame (analytic): {rep['cycles_per_frame']:,}, bottleneck `{rep['bottleneck']}`",
         f"- frames/s at Fmax: **{rep['fps']:,.0f}**" if rep.get("fps") else "- frames/s: n/a",
-        f"- weights: {rep['weight_bits']:,} bits",
+        f"- weights: {rep['weight_bits']:,} bits; " + _load_text(rep.get("weight_load")),
         "",
         "## Per layer",
         "",
         "Estimated: the analytic model of `hw/report.py`; actual: Yosys, each stage's engine synthesized on its own.",
         "",
-        _table(["stage", "engine", "PE", "SIMD", "cycles/frame", "LUTs est.", "LUTs", "FFs est.", "FFs",
+        _table(["stage", "engine", "PE", "SIMD", "weights", "cycles/frame", "LUTs est.", "LUTs", "FFs est.", "FFs",
                 "BRAM bits"], rows),
         "",
         f"![resource and cycle share per stage]({svg_name})",
@@ -90,5 +102,6 @@ def synth_markdown(rep, svg_name):
         "",
     ]
     if rep.get("bitstream"):
-        lines.insert(8, f"- bitstream: `{rep['bitstream']}`")
+        after = next(k for k, l in enumerate(lines) if l.startswith("- weights:"))
+        lines.insert(after + 1, f"- bitstream: `{rep['bitstream']}`")
     return "\n".join(lines)

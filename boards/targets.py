@@ -39,6 +39,21 @@ class Device:
         """The nextpnr executable name (YoWASP build)."""
         return f"yowasp-nextpnr-{self.family}"
 
+    def bare_platform(self):
+        """An Amaranth platform object for the bare device, passed to ``elaborate`` when the
+        accelerator is converted out of context so that engines use the device's primitives
+        (SB_SPRAM256KA for run-time loaded weights on an iCE40 UltraPlus); ``None`` where
+        plain ``lib.memory`` maps by itself (ECP5). It has no pins and is never built."""
+        if self.family != "ice40":
+            return None
+        from amaranth.vendor import SiliconBluePlatform
+
+        class BareICE40(SiliconBluePlatform):
+            device = self.part
+            package = self.package.upper()
+            resources, connectors = [], []
+        return BareICE40()
+
     def nextpnr_device_args(self):
         if self.family == "ice40":
             return [f"--{self.name}", "--package", self.package]

@@ -7,10 +7,19 @@ outputs) that simulations drive; :class:`BoardTop` puts it on a board's UART and
 Data path::
 
     rx ─▶ UARTReceiver ─▶ byte FIFO ─▶ command parser ─▶ pixel packer ─▶ Accelerator ─▶ result
+                                           │  │ ('W' bytes) ───────────▶ weights ▲           │
                                            │ reply order FIFO                              │
                                            └──────────────▶ reply serializer ◀─────────────┘
                                                                    │
                                                       tx ◀─ UARTTransmitter
+
+Run-time weights (a design with ``"ram"`` layers): ``'W'`` waits until no reply is
+pending (so no frame is in the pipeline), restarts the accelerator's weight load and
+passes the next ``weight_bytes`` bytes to its ``weights`` stream; ``'K'`` follows once
+every loaded layer is filled. A second ``'W'`` reloads the same way. Until a load has
+completed, ``'I'`` images are read and answered ``'E' 'I'`` without being computed; a load
+whose bytes stop arriving (``timeout_bits``) is answered ``'E' 'W'`` and leaves the
+weights unloaded.
 """
 
 from amaranth.build import ResourceError
@@ -19,13 +28,14 @@ from amaranth.lib import io, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
-from boards.protocol import CMD_IMAGE, REPLY_ERROR, REPLY_RESULT, BoardFormat
+from boards.protocol import CMD_IMAGE, CMD_WEIGHTS, REPLY_ERROR, REPLY_LOADED, REPLY_RESULT, BoardFormat
 from boards.uart import UARTReceiver, UARTTransmitter, check_divisor, uart_divisor
 from hw.network import Accelerator, frame_cycles
 from qnnfab.errors import QnnfabError
 
 DEFAULT_TIMEOUT_BITS = 1 << 14      # an image whose bytes pause this long is abandoned (0.14 s at 115200)
-_RESULT, _ERROR, _DROP = 0, 1, 2    # reply order entries: send a result / 'E' <byte> / drop a result, 'E' 'I'
+# reply order entries: send a result / 'E' <byte> / drop a result, 'E' 'I' / 'K' once the weights are in
+_RESULT, _ERROR, _DROP, _LOADED = 0, 1, 2, 3
 
 
 class UartAccelerator(wiring.Component):
@@ -33,12 +43,14 @@ class UartAccelerator(wiring.Component):
     cycles per bit, speaking the protocol of :mod:`boards.protocol`.
 
     Ports: ``rx`` (serial in, idle high), ``tx`` (serial out); status for LEDs: ``busy``
-    (an image is being received or replies are pending), ``frames`` (``'R'`` replies
-    sent, wrapping), ``errors`` (line errors, i.e. framing errors and receive overruns,
-    plus ``'E'`` replies; saturating at 255).
+    (an image or weights are being received or replies are pending), ``frames`` (``'R'``
+    replies sent, wrapping), ``errors`` (line errors, i.e. framing errors and receive
+    overruns, plus ``'E'`` replies; saturating at 255), ``loaded`` (images can be
+    computed: always 1 without run-time weights, else after a completed ``'W'``).
 
     ``timeout_bits``: an image whose next byte does not arrive within this many bit times
-    is completed with zeros, its result dropped and answered ``'E' 'I'``.
+    is completed with zeros, its result dropped and answered ``'E' 'I'``; a weight load
+    that stalls as long is abandoned and answered ``'E' 'W'``.
     ``fifo_depth``: bytes buffered between the receiver and the parser.
     """
 
@@ -73,6 +85,7 @@ class UartAccelerator(wiring.Component):
             "busy": Out(1),
             "frames": Out(16),
             "errors": Out(8),
+            "loaded": Out(1),
         })
 
     def elaborate(self, platform):
@@ -91,7 +104,9 @@ class UartAccelerator(wiring.Component):
         beat = Signal(8 * lanes)
         lane = Signal(range(lanes))
         push, push_data = Signal(), Signal(8)
-        can_push = ~acc.pixels.valid | acc.pixels.ready
+        # a byte enters only while no complete beat waits: the parser then does not depend on the
+        # accelerator's ready chain combinationally (the UART is far slower than a cycle per byte)
+        can_push = ~acc.pixels.valid
         m.d.comb += acc.pixels.payload.eq(beat)
         with m.If(acc.pixels.valid & acc.pixels.ready):
             m.d.sync += acc.pixels.valid.eq(0)
@@ -110,49 +125,94 @@ class UartAccelerator(wiring.Component):
         entry_kind, entry_byte = Signal(2), Signal(8)
         m.d.comb += order.w_data.eq(Cat(entry_byte, entry_kind))
         receiving = Signal()
+        has_weights = fmt.weight_bytes > 0
+        weights_ok = Signal(init=0 if has_weights else 1)   # a load completed: images are computed
+        refuse = Signal()           # the image being received came before the weights: read it, answer 'E' 'I'
+        step = Signal()             # one more byte of the image (received or padding) is taken
+        if has_weights:
+            wcount = Signal(range(fmt.weight_bytes))
+            wlast = wcount == fmt.weight_bytes - 1
         with m.FSM():
             with m.State("COMMAND"):
                 m.d.comb += byte.ready.eq(order.w_rdy)
                 with m.If(byte.valid & byte.ready):
                     with m.If(byte.payload == CMD_IMAGE):
-                        m.d.sync += [count.eq(0), idle.eq(0)]
+                        m.d.sync += [count.eq(0), idle.eq(0), refuse.eq(~weights_ok)]
                         m.next = "PIXELS"
+                    if has_weights:
+                        with m.Elif(byte.payload == CMD_WEIGHTS):
+                            m.next = "WEIGHTS_WAIT"
                     with m.Else():
                         m.d.comb += [order.w_en.eq(1), entry_kind.eq(_ERROR), entry_byte.eq(byte.payload)]
             with m.State("PIXELS"):
                 m.d.comb += [receiving.eq(1), push_data.eq(byte.payload),
-                             byte.ready.eq(can_push & (~last | order.w_rdy)),
-                             push.eq(byte.valid & byte.ready)]
+                             byte.ready.eq((can_push | refuse) & (~last | order.w_rdy)),
+                             step.eq(byte.valid & byte.ready)]
                 with m.If(byte.valid):
                     m.d.sync += idle.eq(0)
                 with m.Elif(idle == timeout - 1):
                     m.next = "PAD"
                 with m.Else():
                     m.d.sync += idle.eq(idle + 1)
-                with m.If(push):
-                    m.d.sync += count.eq(count + 1)
-                    with m.If(last):
-                        m.d.comb += [order.w_en.eq(1), entry_kind.eq(_RESULT)]
-                        m.next = "COMMAND"
+                with m.If(step & last):
+                    m.d.comb += [order.w_en.eq(1), entry_kind.eq(Mux(refuse, _ERROR, _RESULT)),
+                                 entry_byte.eq(CMD_IMAGE)]
+                    m.next = "COMMAND"
             with m.State("PAD"):          # the host stopped mid-image: finish it with zeros
-                m.d.comb += [receiving.eq(1), push_data.eq(0), push.eq(can_push & (~last | order.w_rdy))]
-                with m.If(push):
-                    m.d.sync += count.eq(count + 1)
-                    with m.If(last):
-                        m.d.comb += [order.w_en.eq(1), entry_kind.eq(_DROP), entry_byte.eq(CMD_IMAGE)]
-                        m.next = "COMMAND"
+                m.d.comb += [receiving.eq(1), push_data.eq(0),
+                             step.eq((can_push | refuse) & (~last | order.w_rdy))]
+                with m.If(step & last):
+                    m.d.comb += [order.w_en.eq(1), entry_kind.eq(Mux(refuse, _ERROR, _DROP)),
+                                 entry_byte.eq(CMD_IMAGE)]
+                    m.next = "COMMAND"
+            if has_weights:
+                with m.State("WEIGHTS_WAIT"):   # no reply pending = no frame in the pipeline
+                    m.d.comb += receiving.eq(1)
+                    with m.If(~order.r_rdy):
+                        m.d.comb += acc.weights_reload.eq(1)
+                        m.d.sync += [weights_ok.eq(0), wcount.eq(0), idle.eq(0)]
+                        m.next = "WEIGHTS"
+                with m.State("WEIGHTS"):
+                    room = ~wlast | order.w_rdy
+                    m.d.comb += [receiving.eq(1), acc.weights.payload.eq(byte.payload),
+                                 acc.weights.valid.eq(byte.valid & room), byte.ready.eq(acc.weights.ready & room)]
+                    with m.If(byte.valid & byte.ready):
+                        m.d.sync += [wcount.eq(wcount + 1), idle.eq(0)]
+                        with m.If(wlast):
+                            m.d.comb += [order.w_en.eq(1), entry_kind.eq(_LOADED)]
+                            m.d.sync += weights_ok.eq(1)
+                            m.next = "COMMAND"
+                    with m.Elif(byte.valid):
+                        m.d.sync += idle.eq(0)
+                    with m.Elif(idle == timeout - 1):     # the host stopped mid-load: give up, 'E' 'W'
+                        with m.If(order.w_rdy):
+                            m.d.comb += [order.w_en.eq(1), entry_kind.eq(_ERROR), entry_byte.eq(CMD_WEIGHTS)]
+                            m.next = "COMMAND"
+                    with m.Else():
+                        m.d.sync += idle.eq(idle + 1)
+        m.d.comb += push.eq(step & ~refuse)
+        with m.If(step):
+            m.d.sync += count.eq(count + 1)
 
         # ---- reply serializer: one reply per order entry, in order
         head_byte, head_kind = order.r_data[:8], order.r_data[8:]
         is_result = head_kind == _RESULT
-        needs_result = head_kind != _ERROR
-        res = acc.result.payload
+        is_loaded = head_kind == _LOADED
+        needs_result = is_result | (head_kind == _DROP)
+        weights_in = acc.weights_loaded if has_weights else 1
+        # the result waits in a register, so the accelerator's ready chain starts at a flip-flop
+        # instead of running through the serializer and the reply FIFO
+        res = Signal(acc.result.payload.shape())
+        res_valid = Signal()
+        m.d.comb += acc.result.ready.eq(~res_valid)
+        with m.If(acc.result.valid & acc.result.ready):
+            m.d.sync += [res.eq(acc.result.payload), res_valid.eq(1)]
         k = Signal(range(fmt.result_bytes))
-        n_bytes = Mux(is_result, fmt.result_bytes, 2)
+        n_bytes = Mux(is_result, fmt.result_bytes, Mux(is_loaded, 1, 2))
         out = Signal(8)
         with m.Switch(k):
             with m.Case(0):
-                m.d.comb += out.eq(Mux(is_result, REPLY_RESULT, REPLY_ERROR))
+                m.d.comb += out.eq(Mux(is_result, REPLY_RESULT, Mux(is_loaded, REPLY_LOADED, REPLY_ERROR)))
             with m.Case(1):
                 m.d.comb += out.eq(Mux(is_result, res.cls, head_byte))
             w, b = fmt.logit_width, fmt.logit_bytes
@@ -161,19 +221,24 @@ class UartAccelerator(wiring.Component):
                 for j in range(b):
                     with m.Case(2 + c * b + j):      # little-endian, sign-extended
                         m.d.comb += out.eq(Cat(logit[min(8 * j + i, w - 1)] for i in range(8)))
-        m.d.comb += [tx.i.payload.eq(out), tx.i.valid.eq(order.r_rdy & (~needs_result | acc.result.valid))]
+        m.d.comb += [tx.i.payload.eq(out),
+                     tx.i.valid.eq(order.r_rdy & (~needs_result | res_valid) & (~is_loaded | weights_in))]
         with m.If(tx.i.valid & tx.i.ready):
             with m.If(k == n_bytes - 1):
                 m.d.sync += k.eq(0)
-                m.d.comb += [order.r_en.eq(1), acc.result.ready.eq(needs_result)]
+                m.d.comb += order.r_en.eq(1)
+                with m.If(needs_result):
+                    m.d.sync += res_valid.eq(0)
                 with m.If(is_result):
                     m.d.sync += self.frames.eq(self.frames + 1)
             with m.Else():
                 m.d.sync += k.eq(k + 1)
 
         # ---- status
-        m.d.comb += self.busy.eq(receiving | order.r_rdy)
-        bad = (rx.framing_error | rx.overrun) + (order.w_en & (entry_kind != _RESULT))
+        m.d.comb += [self.busy.eq(receiving | order.r_rdy), self.loaded.eq(weights_ok & weights_in)]
+        bad = Signal(2)       # registered: the count follows a cycle later, off the parser's paths
+        m.d.sync += bad.eq((rx.framing_error | rx.overrun)
+                           + (order.w_en & ((entry_kind == _ERROR) | (entry_kind == _DROP))))
         m.d.sync += self.errors.eq(Mux(self.errors + bad > 255, 255, self.errors + bad))
         return m
 

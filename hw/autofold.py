@@ -12,7 +12,9 @@ device budget.
 * :func:`fold_for_budget` — the smallest ``T`` whose folding fits a device: estimated LUTs
   (calibrated model, :mod:`hw.resource_model`) within ``utilization`` of the device's and
   block RAM (EBR, and SPRAM for run-time-loaded weights) within its blocks. A binary
-  search over ``T``; the result is checked with :func:`hw.network.plan_network`.
+  search over ``T`` for each choice of layers whose weights go to SPRAM (none, or the
+  largest ones, on an iCE40 UltraPlus); the result is checked with
+  :func:`hw.network.plan_network`.
 """
 
 import math
@@ -25,6 +27,7 @@ from qnnfab.errors import QnnfabError
 
 FOLDED = ("dense", "conv2d")
 SIMD_CAP = 64   # wider SIMD means a deeper popcount/adder tree per cycle: prefer PE beyond this
+SPRAM_WORDS = 16384
 
 
 def _divisors(n):
@@ -60,9 +63,11 @@ def _lut_cost(layer, pe, simd):
     return pe * simd * in_bits * 2 + pe * math.ceil(math.log2(n + 1)) * 3
 
 
-def fold_for_cycles(qmd, target):
+def fold_for_cycles(qmd, target, ram=()):
     """The least-parallel folding whose every layer takes at most ``target`` cycles per frame
-    (a layer that cannot reach it gets its fastest folding)."""
+    (a layer that cannot reach it gets its fastest folding). Layers named in ``ram`` get
+    run-time loaded weights (``"weights": "ram"``, SPRAM on an iCE40 UltraPlus) and at least
+    the parallelism that keeps their weight memory within one SPRAM's 16K words."""
     if target < 1:
         raise QnnfabError(f"target frame interval must be at least 1 cycle, got {target}")
     folding, prev_pe = {}, None
@@ -70,12 +75,17 @@ def fold_for_cycles(qmd, target):
         if layer.kind not in FOLDED:
             continue
         cands = _candidates(layer, prev_pe)
+        if layer.name in ram:
+            m, n = layer.weights.shape
+            cands = [c for c in cands if m * n // (c[0] * c[1]) <= SPRAM_WORDS] or cands
         ok = [c for c in cands if layer_cycles(layer, *c) <= target]
         if ok:
             pe, simd = min(ok, key=lambda c: (c[0] * c[1], c[1] > SIMD_CAP, _lut_cost(layer, *c), c[0]))
         else:
             pe, simd = min(cands, key=lambda c: (layer_cycles(layer, *c), c[0] * c[1]))
         folding[layer.name] = {"pe": pe, "simd": simd}
+        if layer.name in ram:
+            folding[layer.name]["weights"] = "ram"
         prev_pe = pe
     return folding
 
@@ -104,21 +114,46 @@ def fits(totals, device, utilization):
             and totals["spram_blocks"] <= device.spram_blocks)
 
 
-def fold_for_budget(qmd, device, utilization=0.8):
-    """The fastest folding whose estimate fits ``device`` (a :class:`boards.targets.Device`)."""
+def _ram_choices(qmd, device):
+    """Sets of layers to give run-time (SPRAM) weights: none, then the 1, 2, ... largest
+    binary-weight layers (only on a device with SPRAM)."""
+    if not device.spram_blocks:
+        return [()]
+    layers = sorted((l for l in qmd.layers if l.kind in FOLDED and l.attrs.get("weight") == "binary"),
+                    key=lambda l: -l.weights.size)
+    return [tuple(l.name for l in layers[:k]) for k in range(len(layers) + 1)]
+
+
+def _fastest_fitting(qmd, device, utilization, ram):
     family = device.family
-    slowest = fold_for_cycles(qmd, 1 << 62)    # everything PE = SIMD = 1
-    lo = frame_cycles(plan_network(qmd, fold_for_cycles(qmd, 1)))
-    hi = frame_cycles(plan_network(qmd, slowest))
+    slowest = fold_for_cycles(qmd, 1 << 62, ram)
     if not fits(estimate_totals(qmd, slowest, family), device, utilization):
-        t = estimate_totals(qmd, slowest, family)
-        raise QnnfabError(f"model '{qmd.name}' does not fit the {device.part} even fully folded: estimated "
-                          f"{t['luts']:,} LUTs (budget {int(utilization * device.luts):,}), {t['bram_blocks']} EBR "
-                          f"blocks (of {device.ebr_blocks})", where="device")
+        return None
+    lo = frame_cycles(plan_network(qmd, fold_for_cycles(qmd, 1, ram)))
+    hi = frame_cycles(plan_network(qmd, slowest))
     while lo < hi:              # smallest feasible frame interval
         mid = (lo + hi) // 2
-        if fits(estimate_totals(qmd, fold_for_cycles(qmd, mid), family), device, utilization):
+        if fits(estimate_totals(qmd, fold_for_cycles(qmd, mid, ram), family), device, utilization):
             hi = mid
         else:
             lo = mid + 1
-    return fold_for_cycles(qmd, hi)
+    return fold_for_cycles(qmd, hi, ram)
+
+
+def fold_for_budget(qmd, device, utilization=0.8):
+    """The fastest folding whose estimate fits ``device`` (a :class:`boards.targets.Device`),
+    over the choices of which layers keep their weights in SPRAM (iCE40 UltraPlus)."""
+    best = None
+    for ram in _ram_choices(qmd, device):
+        f = _fastest_fitting(qmd, device, utilization, ram)
+        if f is not None:
+            cyc = frame_cycles(plan_network(qmd, f))
+            if best is None or cyc < best[0]:
+                best = (cyc, f)
+    if best is None:
+        t = estimate_totals(qmd, fold_for_cycles(qmd, 1 << 62), device.family)
+        raise QnnfabError(f"model '{qmd.name}' does not fit the {device.part} even fully folded: estimated "
+                          f"{t['luts']:,} LUTs (budget {int(utilization * device.luts):,}), {t['bram_blocks']} EBR "
+                          f"blocks (of {device.ebr_blocks})"
+                          + (f", with or without SPRAM weights" if device.spram_blocks else ""), where="device")
+    return best[1]

@@ -15,6 +15,10 @@ Two datapaths, chosen by the input element shape:
 * ``addsub``: integer inputs (e.g. 8-bit pixels, first layer): each weight bit adds or
   subtracts its input (no multipliers); the accumulator holds ``dot`` itself.
 
+Pipeline: A issues the memory reads, B accumulates, C compares a finished total with its
+thresholds into the output register (the comparison has a cycle of its own, so the
+longest path is memory -> popcount -> accumulator).
+
 Folding: ``PE`` output channels in parallel, ``SIMD`` inputs per PE per cycle;
 ``NF = M/PE`` neuron folds, ``SF = N/SIMD`` synapse folds, ``NF*SF`` cycles per vector.
 A convolution runs as one vector per output pixel (the sliding window supplies them).
@@ -27,9 +31,22 @@ Stream interface
 
 The input vector is double-buffered (two banks in one ``lib.memory``) so the next
 vector streams in while the current one is being processed: in steady state the unit
-is busy every cycle. Weights sit in a ``lib.memory`` of depth ``NF*SF`` and width
+is busy every cycle. Weights sit in a memory of depth ``NF*SF`` and width
 ``PE*SIMD``, thresholds in one of depth ``NF``. Back-pressure on ``o`` stalls the whole
 pipeline; nothing is lost or duplicated.
+
+Weight storage (``weights_storage=``, from the folding's ``"weights"``)
+  ``"rom"``: a ``lib.memory`` initialised with :meth:`MVTU.weight_words` (block RAM/ROM
+  in the bitstream).
+  ``"ram"``: an uninitialised :class:`hw.spram.SinglePortRAM` (SB_SPRAM256KA on an
+  iCE40 UltraPlus) with one address, loaded at run time through the extra ports
+  ``load`` (``In``, a stream of ``PE*SIMD``-bit words: the ``NF*SF`` words of
+  :meth:`MVTU.weight_words`, in order), ``loaded`` (``Out(1)``: every word written) and
+  ``reload`` (``In(1)``: a one-cycle pulse that forgets the weights and accepts a new
+  load; assert it only while no vector is in flight). The engine computes nothing until
+  ``loaded``: input vectors are buffered (then back-pressured) but no output appears
+  before the last weight word is written. The write address is the engine's own read
+  address counter, which is idle (at 0) until the load completes.
 """
 
 import numpy as np
@@ -38,6 +55,9 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.arith import bits_for, ge_threshold_count, popcount, sum_tree, to_ge_thresholds
+from hw.spram import SinglePortRAM
+
+WEIGHT_STORAGE = ("rom", "ram")
 
 
 def _shape_range(shape):
@@ -48,6 +68,15 @@ def _shape_range(shape):
 def pipelined_sum_stages(n_terms):
     """Register stages of :meth:`MVTU._pipelined_sum` over ``n_terms`` addends."""
     return 1 + (n_terms - 1).bit_length()
+
+
+def weight_bits(weights, pe, simd):
+    """The weight memory as a ``[NF*SF, PE*SIMD]`` bool array: row ``f*SF + s``, column
+    ``p*SIMD + k`` is ``W[f*PE + p, s*SIMD + k] == +1``."""
+    w = np.asarray(weights) > 0
+    m, n = w.shape
+    nf, sf = m // pe, n // simd
+    return w.reshape(nf, pe, sf, simd).transpose(0, 2, 1, 3).reshape(nf * sf, pe * simd)
 
 
 def _check_fold(name, total, par, what):
@@ -70,10 +99,15 @@ class MVTU(wiring.Component):
     in_range : ``(lo, hi)`` of the input values (integer inputs only; default: the shape's range)
     in_offset : integer inputs only: an input code ``r`` stands for ``r + in_offset`` (ternary
         activations arrive as ``value + 1``, so -1)
+    weights_storage : ``"rom"`` (initialised memory) or ``"ram"`` (loaded at run time through
+        ``load``; see the module docstring)
     """
 
     def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None,
-                 in_offset=0):
+                 in_offset=0, weights_storage="rom"):
+        if weights_storage not in WEIGHT_STORAGE:
+            raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
+        self.weights_storage = weights_storage
         w = np.asarray(weights)
         if w.ndim != 2 or not np.isin(w, (-1, 1)).all():
             raise ValueError("weights must be a 2-D array of -1/+1")
@@ -117,24 +151,30 @@ class MVTU(wiring.Component):
             self.n_thresholds = 0
             out_elem = signed(bits_for(max(abs(acc_lo * scale + offset), abs(acc_hi * scale + offset))) + 1)
         self.out_elem = out_elem
-        super().__init__({
+        members = {
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
-        })
+        }
+        super().__init__(self._members(members))
+
+    def _members(self, members):
+        """``members`` plus the run-time weight load ports when the weights are in RAM."""
+        if self.weights_storage == "ram":
+            members = members | {"load": In(stream.Signature(unsigned(self.weight_word_width))),
+                                 "loaded": Out(1), "reload": In(1)}
+        return members
+
+    @property
+    def weight_word_width(self):
+        """Bits per weight memory word (``PE*SIMD*weight_bits``)."""
+        return self.pe * self.simd * self.weight_bits
 
     def weight_words(self):
         """Weight memory contents: word ``f*SF + s`` holds, at bits ``p*SIMD + k``, the bit
-        of ``W[f*PE + p, s*SIMD + k]``."""
-        bits = (self.weights > 0).astype(np.uint64)
-        words = []
-        for f in range(self.nf):
-            for s in range(self.sf):
-                word = 0
-                for p in range(self.pe):
-                    row = bits[f * self.pe + p, s * self.simd:(s + 1) * self.simd]
-                    word |= int(sum(int(b) << k for k, b in enumerate(row))) << (p * self.simd)
-                words.append(word)
-        return words
+        of ``W[f*PE + p, s*SIMD + k]`` (1 = +1)."""
+        bits = weight_bits(self.weights, self.pe, self.simd)
+        weights = 1 << np.arange(bits.shape[1], dtype=object)
+        return [int(row.astype(object) @ weights) for row in bits]
 
     def threshold_words(self):
         """Threshold memory contents: word ``f`` holds, for each PE ``p`` and threshold ``t``,
@@ -156,6 +196,7 @@ class MVTU(wiring.Component):
     # -- datapath hooks (a subclass with another weight encoding overrides these) -----------
 
     weight_bits = 1            # weight memory bits per (PE, SIMD lane)
+    weights_storage = "rom"    # a subclass with its own __init__ gets initialised weights
     partial_stages = 0         # register stages inside _partial (a pipelined datapath)
 
     def _register(self, m, value, name):
@@ -223,27 +264,44 @@ class MVTU(wiring.Component):
                 m.d.sync += wcnt.eq(wcnt + 1)
 
         # ---- weights and thresholds
-        wb = self.weight_bits
-        m.submodules.wmem = wmem = memory.Memory(shape=unsigned(pe * simd * wb), depth=nf * sf,
-                                                 init=self.weight_words())
-        w_rd = wmem.read_port()
+        advance = Signal()            # the whole pipeline moves this cycle
+        waddr = Signal(range(nf * sf))   # = nf_a*SF + sf_a, kept as a counter (no multiplier)
+        wwidth = self.weight_word_width
+        if self.weights_storage == "rom":
+            m.submodules.wmem = wmem = memory.Memory(shape=unsigned(wwidth), depth=nf * sf,
+                                                     init=self.weight_words())
+            w_rd = wmem.read_port()
+            w_data = w_rd.data
+            m.d.comb += [w_rd.addr.eq(waddr), w_rd.en.eq(advance)]
+            weights_ready = 1
+        else:
+            # one address: the engine's read counter doubles as the load's write counter
+            m.submodules.wram = wram = SinglePortRAM(wwidth, nf * sf)
+            w_data = wram.rdata
+            weights_ready = self.loaded
+            load_fire = self.load.valid & self.load.ready
+            m.d.comb += [
+                self.load.ready.eq(~self.loaded),
+                wram.addr.eq(waddr), wram.wdata.eq(self.load.payload),
+                wram.we.eq(load_fire), wram.re.eq(advance & self.loaded),
+            ]
+            with m.If(load_fire):
+                m.d.sync += waddr.eq(Mux(waddr == nf * sf - 1, 0, waddr + 1))
+                with m.If(waddr == nf * sf - 1):
+                    m.d.sync += self.loaded.eq(1)
         if self.n_thresholds:
             tword = pe * self.n_thresholds * self.thr_shape.width + pe
             m.submodules.tmem = tmem = memory.Memory(shape=unsigned(tword), depth=nf,
                                                      init=self.threshold_words())
             t_rd = tmem.read_port()
 
-        # ---- stage A: issue reads
-        advance = Signal()            # the whole pipeline moves this cycle
+        # ---- stage A: issue reads (only once the weights are there)
         rsel = Signal()
         nf_a = Signal(range(nf))
         sf_a = Signal(range(sf))
-        waddr = Signal(range(nf * sf))   # = nf_a*SF + sf_a, kept as a counter (no multiplier)
         valid_a = Signal()
-        m.d.comb += valid_a.eq(full[rsel])
+        m.d.comb += valid_a.eq(full[rsel] & weights_ready)
         m.d.comb += [
-            w_rd.addr.eq(waddr),
-            w_rd.en.eq(advance),
             in_rd.addr.eq(Mux(rsel, sf, 0) + sf_a),
             in_rd.en.eq(advance),
         ]
@@ -281,29 +339,42 @@ class MVTU(wiring.Component):
         total = [Signal(self.acc_shape, name=f"total{p}") for p in range(pe)]
         shared = self._inputs(m, in_rd.data)
         for p in range(pe):
-            partial = self._partial(m, p, shared, w_rd.data[p * simd * wb:(p + 1) * simd * wb])
+            wb = self.weight_bits
+            partial = self._partial(m, p, shared, w_data[p * simd * wb:(p + 1) * simd * wb])
             m.d.comb += total[p].eq(partial + Mux(first_b, 0, acc[p]))
             with m.If(advance & valid_b):
                 m.d.sync += acc[p].eq(total[p])
 
-        # ---- stage C: threshold (or dot product) into the output register
+        # ---- stage C: the neuron fold's total is in acc (it only changes when the pipeline
+        # advances, like this stage); its thresholds are kept from stage B. Threshold (or dot
+        # product) into the output register: the comparison gets a cycle of its own.
+        valid_c = Signal()
+        with m.If(advance):
+            m.d.sync += valid_c.eq(valid_b & last_b)
+        if self.n_thresholds:
+            thr_c = Signal(tword)
+            with m.If(advance & valid_b & last_b):
+                m.d.sync += thr_c.eq(t_rd.data)
         results = []
         for p in range(pe):
             if self.n_thresholds:
                 tw = self.thr_shape.width
                 base = p * self.n_thresholds * tw
-                thr = [t_rd.data[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
+                thr = [thr_c[base + t * tw: base + (t + 1) * tw] for t in range(self.n_thresholds)]
                 if self.thr_shape.signed:
                     thr = [t.as_signed() for t in thr]
-                inv = t_rd.data[pe * self.n_thresholds * tw + p]
-                results.append(ge_threshold_count(total[p], thr, inv))
+                inv = thr_c[pe * self.n_thresholds * tw + p]
+                results.append(ge_threshold_count(acc[p], thr, inv))
             elif self.datapath == "xnor":
-                results.append((total[p] << 1) - self.n)   # the spec's dot = 2P - N
+                results.append((acc[p] << 1) - self.n)   # the spec's dot = 2P - N
             else:
-                results.append(total[p])
+                results.append(acc[p])
         m.d.comb += advance.eq(~self.o.valid | self.o.ready)
         with m.If(advance):
-            m.d.sync += self.o.valid.eq(valid_b & last_b)
-            with m.If(valid_b & last_b):
+            m.d.sync += self.o.valid.eq(valid_c)
+            with m.If(valid_c):
                 m.d.sync += [self.o.payload[p].eq(results[p]) for p in range(pe)]
+        if self.weights_storage == "ram":
+            with m.If(self.reload):       # last, so it wins: forget the weights, load again from word 0
+                m.d.sync += [self.loaded.eq(0), waddr.eq(0)]
         return m

@@ -12,6 +12,15 @@ Top-level stream interface
   ``result``: one beat per frame, ``{"cls", "logits"}`` (see :mod:`hw.argmax_output`).
   ``tap_<stage>`` (with ``taps=True``): read-only copies of each inner stream's
   ``valid``/``ready``/``payload``, so a test bench can compare every layer's output.
+
+Run-time weights (only when some layer's folding says ``"weights": "ram"``)
+  ``weights``: ``In``, one byte per beat: the byte image of :func:`weight_image` (each
+  loaded engine in network order, its words in memory order, each word
+  ``ceil(PE*SIMD/8)`` little-endian bytes), distributed by :class:`hw.weight_loader.WeightLoader`.
+  ``weights_loaded``: ``Out(1)``, every loaded engine holds all its words. Until then the
+  loaded engines compute nothing, so frames wait (no wrong result ever leaves).
+  ``weights_reload``: ``In(1)``, a one-cycle pulse that forgets the loaded weights and
+  restarts the load at byte 0; only while no frame is in the pipeline.
 """
 
 from dataclasses import dataclass, field
@@ -29,6 +38,7 @@ from hw.shift_mvtu import ShiftMVTU
 from hw.sliding_window import SlidingWindow
 from hw.ternary_mvtu import TernaryMVTU, ternary_schedule
 from hw.threshold_unit import ThresholdUnit
+from hw.weight_loader import WeightLoader, word_bytes
 from hw.width_converter import StreamWidthConverter
 from qnnfab.errors import QnnfabError
 
@@ -51,6 +61,7 @@ class Stage:
     simd: int = None
     params: dict = field(default_factory=dict)
     carries: str = None       # for stages that implement no layer: the layer whose values they carry
+    weights: str = None       # MVTU stages: "rom" (initialised) or "ram" (loaded at run time)
 
     @property
     def kind(self):
@@ -131,22 +142,36 @@ def plan_network(qmd, folding):
                 out_act = layer.out_act
                 out_shape = signed(bits_for(max(abs(out_act.lo), abs(out_act.hi))) + 1)
             dense_cycles = windows * (m // pe) * (n // simd)
+            storage = f.get("weights", "rom")
             if ternary_w:
+                if storage != "rom":
+                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                    raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
+                                      "supported for binary weights only; the zero-skip ternary engine keeps its "
+                                      "weights in ROM", where=where)
                 sched = ternary_schedule(layer.weights, pe, simd)
                 stages.append(Stage(layer.name, "ternary_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
                                     cycles_per_frame=windows * sched.cycles_per_vector, pe=pe, simd=simd,
                                     params={"weight_density": sched.density, "cycles_per_frame_dense": dense_cycles,
                                             "schedule_bits": sched.schedule_bits,
-                                            "busiest_lane_slots": int(sched.lane_steps.max())}))
+                                            "busiest_lane_slots": int(sched.lane_steps.max())},
+                                    weights="rom"))
             elif pow2_w:
+                if storage != "rom":
+                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                    raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
+                                      "supported for binary weights only; the shift-add engine keeps its "
+                                      "weights in ROM", where=where)
                 a = layer.attrs
                 stages.append(Stage(layer.name, "shift_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
                                     cycles_per_frame=dense_cycles, pe=pe, simd=simd,
                                     params={"terms": a["terms"], "code_bits": a["code_bits"],
-                                            "exponent_offset": a["exponent_offset"]}))
+                                            "exponent_offset": a["exponent_offset"]},
+                                    weights="rom"))
             else:
                 stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
-                                    windows * m, out_shape, out_act, cycles_per_frame=dense_cycles, pe=pe, simd=simd))
+                                    windows * m, out_shape, out_act, cycles_per_frame=dense_cycles, pe=pe, simd=simd,
+                                    weights=storage))
             i += len(fused)
         elif layer.kind == "maxpool":
             prev = stages[-1] if stages else None
@@ -207,6 +232,42 @@ def frame_cycles(stages):
     return max(s.cycles_per_frame for s in stages)
 
 
+def loaded_stages(stages):
+    """The stages whose weights are loaded at run time, in network (= load) order."""
+    return [s for s in stages if s.weights == "ram"]
+
+
+def stage_weight_layout(s):
+    """``(word width, words)`` of an MVTU stage's weight memory: ``PE*SIMD`` bits x ``NF*SF``."""
+    m, n = s.layers[0].weights.shape
+    return s.pe * s.simd, (m // s.pe) * (n // s.simd)
+
+
+def weight_image_bytes(stages):
+    """Length in bytes of the run-time weight image of ``stages`` (0 if nothing is loaded)."""
+    total = 0
+    for s in loaded_stages(stages):
+        width, words = stage_weight_layout(s)
+        total += word_bytes(width) * words
+    return total
+
+
+def weight_image(qmd, folding):
+    """The bytes the ``weights`` stream takes (the host sends them after ``'W'``): for each
+    ``"ram"`` layer in network order, its weight words (:meth:`hw.mvtu.MVTU.weight_words`
+    order) as ``ceil(PE*SIMD/8)`` little-endian bytes each, unused high bits zero.
+    Empty when no layer is loaded at run time."""
+    from hw.mvtu import weight_bits
+    parts = []
+    for s in loaded_stages(plan_network(qmd, folding)):
+        bits = weight_bits(s.layers[0].weights, s.pe, s.simd)           # [words, width]
+        width = bits.shape[1]
+        padded = np.zeros((bits.shape[0], 8 * word_bytes(width)), dtype=np.uint8)
+        padded[:, :width] = bits
+        parts.append(np.packbits(padded, axis=1, bitorder="little").tobytes())
+    return b"".join(parts)
+
+
 def _tap_signature(shape):
     return wiring.Signature({"valid": Out(1), "ready": Out(1), "payload": Out(shape)})
 
@@ -229,6 +290,11 @@ class Accelerator(wiring.Component):
             "pixels": In(stream.Signature(data.ArrayLayout(self.pixel_shape, first.in_lanes))),
             "result": Out(stream.Signature(result_layout(last.params["classes"], last.params["logit_shape"]))),
         }
+        self.loaded_stages = loaded_stages(self.stages)
+        self.weight_bytes = weight_image_bytes(self.stages)
+        if self.loaded_stages:
+            members.update({"weights": In(stream.Signature(unsigned(8))), "weights_loaded": Out(1),
+                            "weights_reload": In(1)})
         if taps:
             for s in self.stages[:-1]:
                 members[f"tap_{s.name}"] = Out(_tap_signature(stage_payload_shape(s)))
@@ -257,7 +323,8 @@ class Accelerator(wiring.Component):
                         direction=None if thr is None else thr.arrays["direction"],
                         in_shape=None if binary_in else code_shape(layer.in_act),
                         in_range=None if binary_in else (layer.in_act.lo, layer.in_act.hi),
-                        in_offset=0 if binary_in else layer.in_act.code[1])
+                        in_offset=0 if binary_in else layer.in_act.code[1],
+                        weights_storage=s.weights or "rom")
         if s.engine == "ternary_mvtu":
             thr = s.layers[1] if len(s.layers) == 2 else None
             act = layer.in_act
@@ -291,9 +358,12 @@ class Accelerator(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         prev_out = None
+        loaded = []
         for k, s in enumerate(self.stages):
             eng = self.engine(k)
             m.submodules[s.name] = eng
+            if s.weights == "ram":
+                loaded.append(eng)
             if prev_out is None:
                 wiring.connect(m, wiring.flipped(self.pixels), eng.i)
             else:
@@ -303,4 +373,14 @@ class Accelerator(wiring.Component):
                 m.d.comb += [tap.valid.eq(eng.o.valid), tap.ready.eq(eng.o.ready), tap.payload.eq(eng.o.payload)]
             prev_out = eng.o
         wiring.connect(m, prev_out, wiring.flipped(self.result))
+        if loaded:
+            m.submodules.weight_loader = loader = WeightLoader([(e.weight_word_width, e.nf * e.sf) for e in loaded])
+            wiring.connect(m, wiring.flipped(self.weights), loader.i)
+            m.d.comb += loader.reload.eq(self.weights_reload)
+            ready = 1
+            for k, eng in enumerate(loaded):
+                wiring.connect(m, getattr(loader, f"o{k}"), eng.load)
+                m.d.comb += eng.reload.eq(self.weights_reload)
+                ready = ready & eng.loaded
+            m.d.comb += self.weights_loaded.eq(ready)
         return m

@@ -24,6 +24,9 @@
 * ``cycles_per_frame``: analytic frame interval = the slowest stage's cycles
 * ``bottleneck``: that stage's name
 * ``estimated``: the totals of the per-stage estimates
+* ``weight_load``: the run-time loaded weights: ``layers`` (names of the ``"ram"`` layers,
+  in load order), ``bytes`` (length of the byte image after ``'W'``), ``bits``; every
+  MVTU entry in ``layers`` has ``weights`` (``"rom"`` or ``"ram"``)
 
 The resource estimate is the analytic model of :mod:`hw.resource_model`, calibrated
 against Yosys (``make calibrate``); synthesis reports carry the measured figures next to it.
@@ -32,7 +35,7 @@ against Yosys (``make calibrate``); synthesis reports carry the measured figures
 import json
 
 from hw import resource_model
-from hw.network import frame_cycles
+from hw.network import frame_cycles, loaded_stages, stage_weight_layout, weight_image_bytes
 
 
 def estimate_stage(s, family="ecp5"):
@@ -51,6 +54,8 @@ def design_report(qmd, folding, stages, verilog_path, top, shift_costs=None):
             "cycles_per_frame": s.cycles_per_frame, "fused": [l.name for l in s.layers],
             "in_lanes": s.in_lanes, "out_lanes": s.out_lanes, "estimated": estimate_stage(s),
         }
+        if s.weights is not None:
+            entry["weights"] = s.weights
         if s.engine == "ternary_mvtu":
             dense = s.params["cycles_per_frame_dense"]
             entry.update(weight_density=round(s.params["weight_density"], 6), cycles_per_frame_dense=dense,
@@ -72,13 +77,29 @@ def design_report(qmd, folding, stages, verilog_path, top, shift_costs=None):
         "layers": layers, "cycles_per_frame": cpf,
         "bottleneck": next(s.name for s in stages if s.cycles_per_frame == cpf),
         "estimated": totals,
+        "weight_load": weight_load(stages),
     }
+
+
+def weight_load(stages):
+    """What is loaded at run time: the ``"ram"`` layers in load order, the image's bytes and bits."""
+    loaded = loaded_stages(stages)
+    return {"layers": [s.name for s in loaded], "bytes": weight_image_bytes(stages),
+            "bits": sum(width * words for width, words in map(stage_weight_layout, loaded))}
 
 
 def _table(headers, rows):
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def weight_load_line(load):
+    """One markdown line saying which layers are loaded at run time and how much."""
+    if not load["layers"]:
+        return "Weights: all in initialised block RAM (nothing to load at run time)."
+    return (f"Weights loaded at run time (`'W'` + {load['bytes']:,} bytes over the UART, {load['bits']:,} bits): "
+            + ", ".join(f"`{n}`" for n in load["layers"]) + "; the other layers' weights are in the bitstream.")
 
 
 def _zero_skip_section(rep):
@@ -106,15 +127,17 @@ def _shift_section(rep):
 
 
 def design_markdown(rep):
-    rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l["cycles_per_frame"],
+    rows = [(l["name"], l["kind"], l["engine"], l["pe"], l["simd"], l.get("weights"), l["cycles_per_frame"],
              l["estimated"]["weight_bits"], l["estimated"]["luts"], l["estimated"]["ffs"]) for l in rep["layers"]]
     return "\n".join([
         f"# {rep['model']}: generated accelerator",
         "",
         f"Verilog: `{rep['verilog']}` (top `{rep['top']}`), input {rep['input_lanes']} values per beat.",
         "",
-        _table(["stage", "kind", "engine", "PE", "SIMD", "cycles/frame", "weight bits", "LUTs (est.)", "FFs (est.)"],
-               rows),
+        _table(["stage", "kind", "engine", "PE", "SIMD", "weights", "cycles/frame", "weight bits", "LUTs (est.)",
+                "FFs (est.)"], rows),
+        "",
+        weight_load_line(rep["weight_load"]),
         "",
         *_zero_skip_section(rep),
         *_shift_section(rep),

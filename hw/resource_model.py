@@ -4,7 +4,8 @@
 for an FPGA family (``ecp5`` or ``ice40``). Logic is a first-order model per engine
 (:func:`logic_features`: XNOR/add-subtract lanes, popcount and accumulator widths,
 comparators, counters), scaled by per-engine, per-family factors fitted to Yosys'
-mapping of real engines: ``luts = a * model + b`` (``hw/calibration.json``, written by
+mapping of real engines: per engine and family, non-negative coefficients of the model's
+terms (:func:`logic_terms`) fitted by least squares (``hw/calibration.json``, written by
 ``python -m boards.calibrate``; ``make calibrate``). Memories are counted from the
 engine's memory shapes: a memory of at most ``LUTRAM_BITS`` bits or ``LUTRAM_DEPTH``
 words maps to LUT RAM or flip-flops, a larger one to the fewest block-RAM blocks over the family's width x depth
@@ -23,7 +24,7 @@ from hw.arith import bits_for
 CALIBRATION = Path(__file__).with_name("calibration.json")
 FAMILIES = ("ecp5", "ice40")
 LUTRAM_BITS = 1024   # a memory this small, or one at most LUTRAM_DEPTH deep, is not given block RAM
-LUTRAM_DEPTH = 32
+LUTRAM_DEPTH = 64
 
 # block RAM configurations: (bits per block, [(width, depth), ...])
 BRAM_CONFIGS = {
@@ -90,8 +91,10 @@ def _mvtu_params(s):
     return m, n, in_bits, acc, n_thr
 
 
-def logic_features(s):
-    """The uncalibrated first-order (LUTs, FFs) of stage ``s``."""
+def logic_terms(s):
+    """First-order terms of stage ``s``'s logic: ``({term: value} for LUTs, {term: value} for
+    FFs)``. The estimate is ``sum(coefficient[term] * value)``, with the coefficients of
+    ``DEFAULT_COEFFICIENTS`` or, once calibrated, the fitted ones."""
     if s.engine == "shift_mvtu":
         m, n, in_bits, acc, n_thr, widths = _shift_params(s)
         folds = bits_for(m * n // (s.pe * s.simd))
@@ -99,36 +102,65 @@ def logic_features(s):
         # per lane and term a mux tree of B-1 levels over its copy width, the complement and its
         # share of the pipelined adder tree (about B + 1 LUTs and 3 FFs a bit in Yosys' ECP5
         # mapping of a PE 4 x SIMD 8 engine); per PE as the MVTU
-        luts = s.pe * s.simd * sum(w * (b + 1) for w in widths) + s.pe * acc * (2 + n_thr) + 4 * folds
-        ffs = s.pe * s.simd * sum(3 * w for w in widths) + s.pe * (acc + s.out_shape.width) + s.simd * in_bits \
-            + 3 * folds
-        return luts, ffs
+        return ({"term_bits": s.pe * s.simd * sum(w * (b + 1) for w in widths), "pe_acc": s.pe * acc,
+                 "compare": s.pe * acc * n_thr, "counters": folds, "one": 1},
+                {"term_bits": s.pe * s.simd * sum(w for w in widths), "pe_acc": s.pe * acc,
+                 "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits, "counters": folds, "one": 1})
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         folds = bits_for(m * n // (s.pe * s.simd))
         # per lane an XNOR (or a conditional negate) and its share of the adder tree;
         # per PE the accumulator adder and register, comparators, the output register
-        luts = 2 * s.pe * s.simd * in_bits + s.pe * acc * (2 + n_thr) + 4 * folds
-        ffs = s.pe * (acc + s.out_shape.width) + s.simd * in_bits + 3 * folds
-        return luts, ffs
+        return ({"lanes": s.pe * s.simd * in_bits, "pe_acc": s.pe * acc, "compare": s.pe * acc * n_thr,
+                 "counters": folds, "one": 1},
+                {"pe_acc": s.pe * acc, "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits,
+                 "counters": folds, "one": 1})
     lanes = max(s.in_lanes, s.out_lanes)
     width = s.out_shape.width if s.out_shape is not None else 8
     if s.engine == "threshold_unit":
         t = len(s.layers[0].arrays["thresholds"][0])
-        in_w = s.layers[0].in_act.bits
-        return lanes * t * in_w // 2, lanes * width
-    if s.engine == "sliding_window":
+        luts, ffs = lanes * t * s.layers[0].in_act.bits // 2, lanes * width
+    elif s.engine == "sliding_window":
         p = s.params
         depth = (2 * p["kernel"] + p["stride"]) * p["width"] * p["channels"] // lanes
-        return lanes * width + 8 * bits_for(depth), lanes * width + 6 * bits_for(depth)
-    if s.engine == "maxpool":
-        return 2 * lanes * width, 2 * lanes * width
-    if s.engine == "width_converter":
-        return lanes * width, 2 * lanes * width
-    if s.engine == "argmax_output":
+        luts, ffs = lanes * width + 8 * bits_for(depth), lanes * width + 6 * bits_for(depth)
+    elif s.engine == "maxpool":
+        luts, ffs = 2 * lanes * width, 2 * lanes * width
+    elif s.engine == "width_converter":
+        luts, ffs = lanes * width, 2 * lanes * width
+    elif s.engine == "argmax_output":
         c, w = s.params["classes"], s.params["logit_shape"].width
-        return s.in_lanes * 2 * w + c * w // 2, 2 * c * w
-    raise ValueError(f"no resource model for engine {s.engine!r}")
+        luts, ffs = s.in_lanes * 2 * w + c * w // 2, 2 * c * w
+    else:
+        raise ValueError(f"no resource model for engine {s.engine!r}")
+    return {"model": luts, "one": 1}, {"model": ffs, "one": 1}
+
+
+DEFAULT_COEFFICIENTS = {
+    "mvtu": ({"lanes": 2, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
+             {"pe_acc": 1, "pe_out": 1, "input": 1, "counters": 3, "one": 0}),
+    "shift_mvtu": ({"term_bits": 1, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
+                   {"term_bits": 3, "pe_acc": 1, "pe_out": 1, "input": 1, "counters": 3, "one": 0}),
+    "other": ({"model": 1, "one": 0}, {"model": 1, "one": 0}),
+}
+
+
+def default_coefficients_key(engine):
+    """The ``DEFAULT_COEFFICIENTS`` entry of ``engine``."""
+    if engine in DEFAULT_COEFFICIENTS:
+        return engine
+    return "mvtu" if engine.endswith("_mvtu") else "other"
+
+
+def _apply(coef, terms):
+    return sum(coef.get(k, 0.0) * v for k, v in terms.items())
+
+
+def logic_features(s):
+    """The uncalibrated first-order (LUTs, FFs) of stage ``s``."""
+    lt, ft = logic_terms(s)
+    dl, df = DEFAULT_COEFFICIENTS[default_coefficients_key(s.engine)]
+    return round(_apply(dl, lt)), round(_apply(df, ft))
 
 
 def memories(s):
@@ -148,7 +180,7 @@ def memories(s):
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         nf, sf = m // s.pe, n // s.simd
-        mems = [("weights", s.pe * s.simd, nf * sf, s.params.get("weights", "rom")),
+        mems = [("weights", s.pe * s.simd, nf * sf, s.weights or "rom"),
                 ("input", s.simd * in_bits, 2 * sf, "buffer")]
         if n_thr:
             thr_w = bits_for(n + 1) + 1
@@ -175,7 +207,8 @@ def bram_blocks(width, depth, family, kind="rom"):
 
 
 def load_calibration(path=CALIBRATION):
-    """The fitted factors ``{family: {engine: {"luts": [a, b], "ffs": [a, b]}}}`` ({} if absent)."""
+    """The fitted coefficients ``{family: {engine: {"luts": {term: c}, "ffs": {term: c}}}}``
+    ({} if absent)."""
     path = Path(path)
     return json.loads(path.read_text())["factors"] if path.is_file() else {}
 
@@ -200,10 +233,11 @@ def estimate_stage(s, family="ecp5", calibration=None):
         t = _ternary_model(s)
         n, bits = bram_blocks(1, t["weight_bits"], family)
         return {**t, "bram_blocks": n, "spram_blocks": 0, "bram_bits": n * bits, "calibrated": False}
-    luts, ffs = logic_features(s)
     if cal:
-        luts = cal["luts"][0] * luts + cal["luts"][1]
-        ffs = cal["ffs"][0] * ffs + cal["ffs"][1]
+        lt, ft = logic_terms(s)
+        luts, ffs = _apply(cal["luts"], lt), _apply(cal["ffs"], ft)
+    else:
+        luts, ffs = logic_features(s)
     weight_bits = buffer_bits = blocks = spram = bram_bits = 0
     for name, width, depth, kind in memories(s):
         if name == "weights":

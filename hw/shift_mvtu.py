@@ -47,7 +47,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.arith import bits_for, popcount, sum_tree, to_ge_thresholds
-from hw.mvtu import MVTU, _check_fold, pipelined_sum_stages
+from hw.mvtu import MVTU, WEIGHT_STORAGE, _check_fold, pipelined_sum_stages
 from models.qmd import POW2_CODE_BITS, POW2_EXPONENT_MAX, POW2_TERMS, pow2_codebook_max, pow2_decode
 
 
@@ -68,12 +68,16 @@ class ShiftMVTU(MVTU):
     in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
     pipelined : register the term select and every adder level (default; fewer LUTs in Yosys'
         mapping, ``partial_stages`` cycles more latency, the same throughput)
+    weights_storage : ``"rom"`` or ``"ram"`` (loaded at run time, as in :class:`hw.mvtu.MVTU`)
     """
 
     datapath = "shift"
 
     def __init__(self, codes, *, code_bits, exponent_offset, pe, simd, thresholds=None, direction=None,
-                 in_shape=unsigned(8), in_code=(1, 0), in_range=None, pipelined=True):
+                 in_shape=unsigned(8), in_code=(1, 0), in_range=None, pipelined=True, weights_storage="rom"):
+        if weights_storage not in WEIGHT_STORAGE:
+            raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
+        self.weights_storage = weights_storage
         for name, v, (lo, hi) in (("code_bits", code_bits, POW2_CODE_BITS),
                                   ("exponent_offset", exponent_offset, (0, POW2_EXPONENT_MAX))):
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -143,10 +147,10 @@ class ShiftMVTU(MVTU):
         self.pipelined = bool(pipelined)
         # a register after the term select and after each level of the adder tree
         self.partial_stages = pipelined_sum_stages(self._n_terms()) if self.pipelined else 0
-        wiring.Component.__init__(self, {
+        wiring.Component.__init__(self, self._members({
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
-        })
+        }))
 
     @property
     def weight_bits(self):

@@ -22,10 +22,12 @@ from qnnfab.errors import QnnfabError
 from qnnfab.paths import build_dir, model_dir
 
 
-def _load(model, folding_path=None):
-    from hw.folding import FILENAME, load_folding
+def _load(model, folding_path=None, device=None):
+    """The QMD and its folding: ``folding_path``, else ``folding-<device>.json`` when ``device``
+    is given and the model has one, else ``folding.json``."""
+    from hw.folding import default_folding_path, load_folding
     qmd = _load_qmd_only(model)
-    folding = load_folding(Path(folding_path) if folding_path else qmd.path / FILENAME, qmd)
+    folding = load_folding(Path(folding_path) if folding_path else default_folding_path(qmd.path, device), qmd)
     return qmd, folding
 
 
@@ -185,7 +187,8 @@ def cmd_fold(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"format": FORMAT, "goal": goal, "layers": folding}, indent=1) + "\n")
     for name, f in folding.items():
-        print(f"  {name:10s} PE {f['pe']:4d}  SIMD {f['simd']:4d}")
+        print(f"  {name:10s} PE {f['pe']:4d}  SIMD {f['simd']:4d}" + ("  weights in RAM (loaded at run time)"
+                                                                       if f.get("weights") == "ram" else ""))
     print(f"{qmd.name}: {goal}: {tot['cycles_per_frame']:,} cycles/frame, estimated {tot['luts']:,} LUTs, "
           f"{tot['ffs']:,} FFs, {tot['bram_blocks']} {family} block RAMs"
           + (f", {tot['spram_blocks']} SPRAMs" if tot["spram_blocks"] else ""))
@@ -195,15 +198,27 @@ def cmd_fold(args):
 def _load_qmd_only(model):
     from models.qmd import load_qmd
     d = model_dir(model)
+    if not (d / "qmd.json").is_file():
+        from models.nets import MODELS
+        if Path(model).name in MODELS:
+            raise QnnfabError(f"model '{model}' is not trained and exported yet: make train MODEL={model}, "
+                              f"then make export MODEL={model}", where=str(d / "qmd.json"))
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
     return load_qmd(d)
 
 
 def cmd_check(args):
+    from hw.folding import load_folding
     qmd, folding = _load(args.model, args.folding)
     print(f"{qmd.path}: valid QMD v1 '{qmd.name}', {len(qmd.layers)} layers; folding valid for "
           f"{len(folding)} folded layers")
+    if not args.folding:          # the per-device foldings shipped next to it, too
+        for path in sorted(qmd.path.glob("folding-*.json")):
+            f = load_folding(path, qmd)
+            loaded = [n for n, e in f.items() if e["weights"] == "ram"]
+            print(f"{path.name}: valid for {len(f)} folded layers"
+                  + (f"; run-time loaded weights: {', '.join(loaded)}" if loaded else ""))
 
 
 def main(argv=None):
@@ -231,7 +246,8 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.set_defaults(fn=cmd_eval)
     model_cmd("check", cmd_check, "validate a QMD and its folding")
-    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device")
+    p = model_cmd("synth", cmd_synth, "synthesis, place-and-route and bitstream for a board or bare device "
+                  "(default folding: <model dir>/folding-<device>.json when it exists)")
     p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     p = sub.add_parser("fold", help="choose PE/SIMD per layer for a frame rate or a device budget")

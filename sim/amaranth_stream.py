@@ -2,10 +2,12 @@
 
 Used by the unit tests of every engine: pushes a list of input beats through ``dut.i``
 and collects ``n_out`` beats from ``dut.o``, with optional random valid/ready stalls on
-both sides, and reports the beats and the cycle each output beat was taken.
+both sides, and reports the beats and the cycle each output beat was taken. Extra input
+streams (e.g. an engine's weight ``load`` stream) are driven alongside as :class:`Feed`.
 """
 
 import random
+from dataclasses import dataclass, field
 
 from amaranth.hdl import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
@@ -46,12 +48,26 @@ class _WithClock(Elaboratable):
         return m
 
 
-def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=None):
+@dataclass
+class Feed:
+    """An extra input stream: ``beats`` (ints) pushed into the stream port ``port`` from
+    cycle ``start`` on, holding ``valid`` low with probability ``stall`` per cycle. After
+    the run, ``cycles`` holds the cycle in which each beat was taken (the same count as
+    :func:`run_stream`'s output cycles)."""
+
+    port: object
+    beats: list
+    start: int = 0
+    stall: float = 0.0
+    cycles: list = field(default_factory=list)
+
+
+def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max_cycles=None, feeds=()):
     """Simulate ``dut``; returns ``(out_beats, out_cycles)`` (payloads as ints).
 
     ``in_stall``/``out_stall`` are the probabilities of holding ``valid``/``ready`` low
     on a cycle. Fails if fewer than ``n_out`` beats appear, or if some input beat is not
-    accepted, within ``max_cycles``.
+    accepted, within ``max_cycles``. ``feeds``: extra input streams (:class:`Feed`).
     """
     rng = random.Random(seed)
     out, cycles = [], []
@@ -87,9 +103,40 @@ def run_stream(dut, in_beats, n_out, *, in_stall=0.0, out_stall=0.0, seed=0, max
                 raise AssertionError(f"only {len(out)} of {n_out} output beats after {cycle} cycles")
         ctx.set(dut.o.ready, 0)
 
+    def feeder(feed, k):
+        frng = random.Random(seed * 1000 + k + 1)
+        payload = getattr(feed.port.payload, "as_value", lambda: feed.port.payload)()
+
+        async def run(ctx):
+            cycle = 0
+            for _ in range(feed.start):
+                await ctx.tick()
+                cycle += 1
+            for j, beat in enumerate(feed.beats):
+                while frng.random() < feed.stall:
+                    await ctx.tick()
+                    cycle += 1
+                ctx.set(feed.port.valid, 1)
+                ctx.set(payload, beat)
+                while True:
+                    _, _, ready = await ctx.tick().sample(feed.port.ready)
+                    cycle += 1
+                    if ready:
+                        feed.cycles.append(cycle)
+                        break
+                    if cycle > max_cycles:
+                        raise AssertionError(f"feed beat {j} of {len(feed.beats)} not accepted after {cycle} cycles")
+                ctx.set(feed.port.valid, 0)
+        return run
+
     sim = Simulator(_WithClock(dut))
     sim.add_clock(1e-8)
+    for k, feed in enumerate(feeds):
+        sim.add_testbench(feeder(feed, k), background=True)
     sim.add_testbench(producer)
     sim.add_testbench(consumer)
     sim.run()
+    for feed in feeds:
+        if len(feed.cycles) != len(feed.beats):
+            raise AssertionError(f"only {len(feed.cycles)} of {len(feed.beats)} feed beats were taken")
     return out, cycles

@@ -71,6 +71,7 @@ async def uart_session(dut):
         reply.append(byte)
         reply_ns.append(t0)
     await Timer(4 * bit_ns, unit="ns")
-    status = {"frames": int(dut.frames.value), "errors": int(dut.errors.value), "busy": int(dut.busy.value)}
+    status = {"frames": int(dut.frames.value), "errors": int(dut.errors.value), "busy": int(dut.busy.value),
+              "loaded": int(dut.loaded.value)}
     with open(cfg["captured"], "w") as f:
         json.dump({"reply": reply.hex(), "reply_ns": reply_ns, "sent_ns": sent_ns, "status": status}, f)

@@ -4,7 +4,9 @@ It only drives and records; the comparison with the reference happens outside, i
 :mod:`sim.rtl`, on the integers this bench writes. Configuration comes from the JSON
 file named by ``$QNNFAB_BENCH``:
 
-* ``stimulus``: npz with ``pixels`` [frames, beats, lanes] (the input stream),
+* ``stimulus``: npz with ``pixels`` [frames, beats, lanes] (the input stream) and, for a
+  design with run-time loaded weights, ``weights`` (the byte image for the ``weights``
+  stream, driven from the first cycle alongside the pixels, with the same stalls),
 * ``taps``: for each inner stream ``{"name", "width", "lanes", "signed"}``,
 * ``result``: ``{"classes", "cls_width", "logit_width"}``,
 * ``in_stall`` / ``out_stall``: probabilities of holding valid / ready low on a cycle,
@@ -60,11 +62,17 @@ async def stream_frames(dut):
     result_cls, result_logits, result_cycles = [], [], []
 
     Clock(dut.clk, 10, unit="ns").start()
+    stim = np.load(cfg["stimulus"])
+    wbytes = [int(b) for b in stim["weights"]] if "weights" in stim.files else []
     dut.rst.value = 1
     dut.pixels__valid.value = 0
     dut.result__ready.value = 0
+    if wbytes:
+        dut.weights__valid.value = 0
+        dut.weights_reload.value = 0
     await ClockCycles(dut.clk, 4)
     dut.rst.value = 0
+    wnext, weights_cycle = 0, None
 
     nxt, cycle = 0, 0
     limit = cfg.get("max_cycles", 100000 + 100 * len(beats) * max(1, cfg.get("cycles_per_beat", 1)))
@@ -79,9 +87,18 @@ async def stream_frames(dut):
             dut.pixels__payload.value = beats[nxt]
         ready = int(rng.random() >= out_stall)
         dut.result__ready.value = ready
+        wdrive = wnext < len(wbytes) and rng.random() >= in_stall
+        if wbytes:
+            dut.weights__valid.value = int(wdrive)
+            if wdrive:
+                dut.weights__payload.value = wbytes[wnext]
         await ReadOnly()
         if drive and dut.pixels__ready.value:
             nxt += 1
+        if wdrive and dut.weights__ready.value:
+            wnext += 1
+            if wnext == len(wbytes):
+                weights_cycle = cycle
         for t, valid, tready, payload in taps:
             if valid.value and tready.value:
                 seen[t["name"]].extend(_unpack(int(payload.value), t["width"], t["lanes"], t["signed"]))
@@ -92,7 +109,8 @@ async def stream_frames(dut):
             result_logits.append(_unpack(word >> cls_w, logit_w, classes, True))
             result_cycles.append(cycle)
 
-    out = {"cls": np.array(result_cls, dtype=np.int64),
+    out = {"weights_cycle": np.array(-1 if weights_cycle is None else weights_cycle, dtype=np.int64),
+           "cls": np.array(result_cls, dtype=np.int64),
            "logits": np.array(result_logits, dtype=np.int64).reshape(frames, classes),
            "result_cycles": np.array(result_cycles, dtype=np.int64)}
     for name in seen:

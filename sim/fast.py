@@ -5,7 +5,9 @@ per clock cycle; this harness drives only the top-level ``pixels``/``result`` st
 from C++, which makes simulating all 10,000 test images practical. It streams the
 images back to back (the input is always valid, the result always ready), records each
 frame's class and logits and the cycle it left, and :func:`simulate_all` compares them
-with the integer reference, image by image. The test set is split into contiguous ranges
+with the integer reference, image by image. A design with run-time loaded weights gets
+each process's weight byte image on ``weights`` from the first cycle (results that would
+leave before the last weight byte fail the run). The test set is split into contiguous ranges
 simulated by independent processes, one per core.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.network import Accelerator, frame_cycles
+from hw.network import Accelerator, frame_cycles, weight_image
 from models.reference import ReferenceModel
 from qnnfab.errors import QnnfabError
 from qnnfab.tools import require_program, verilator_env
@@ -36,6 +38,7 @@ _HARNESS = r"""
 
 static const int LANES = @LANES@, PIXEL_BITS = @PIXEL_BITS@, CLASSES = @CLASSES@;
 static const int CLS_W = @CLS_W@, LOGIT_W = @LOGIT_W@;
+#define HAS_WEIGHTS @HAS_WEIGHTS@
 
 template <typename T> static uint64_t bits_of(const T &v, int lsb, int w) { return (uint64_t(v) >> lsb) & ((1ULL << w) - 1); }
 template <std::size_t N> static uint64_t bits_of(const VlWide<N> &v, int lsb, int w) {
@@ -51,29 +54,48 @@ template <std::size_t N> static void set_bits(VlWide<N> &v, int lsb, int w, uint
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) { fprintf(stderr, "usage: harness pixels.bin frames results.bin\n"); return 2; }
+    if (argc != 4 + HAS_WEIGHTS) { fprintf(stderr, "usage: harness pixels.bin frames results.bin%s\n", HAS_WEIGHTS ? " weights.bin" : ""); return 2; }
     long frames = atol(argv[2]);
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) { perror(argv[1]); return 2; }
-    std::vector<uint8_t> pix;
-    { fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET); pix.resize(n); if (fread(pix.data(), 1, n, f) != (size_t)n) return 2; fclose(f); }
+    auto slurp = [](const char *path, std::vector<uint8_t> &buf) {
+        FILE *f = fopen(path, "rb");
+        if (!f) { perror(path); return false; }
+        fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET); buf.resize(n);
+        bool ok = fread(buf.data(), 1, n, f) == (size_t)n; fclose(f); return ok;
+    };
+    std::vector<uint8_t> pix, wts;
+    if (!slurp(argv[1], pix)) return 2;
+#if HAS_WEIGHTS
+    if (!slurp(argv[4], wts)) return 2;
+#endif
     long beats = (long)pix.size() / LANES;
+    long wnext = 0, wdone_cycle = -1;
     VerilatedContext ctx;
     Vaccelerator top(&ctx);
     std::vector<int64_t> out;
     out.reserve(frames * (CLASSES + 2));
     top.rst = 1; top.pixels___05Fvalid = 0; top.result___05Fready = 1;
+#if HAS_WEIGHTS
+    top.weights___05Fvalid = 0; top.weights_reload = 0;
+#endif
     for (int i = 0; i < 4; i++) { top.clk = 0; top.eval(); top.clk = 1; top.eval(); }
     top.rst = 0;
-    long next = 0, done = 0, cycle = 0, limit = 1000000 + 1000 * beats;
+    long next = 0, done = 0, cycle = 0, limit = 1000000 + 1000 * beats + 100 * (long)wts.size();
     while (done < frames) {
         if (++cycle > limit) { fprintf(stderr, "timeout after %ld cycles, %ld frames\n", cycle, done); return 1; }
         top.pixels___05Fvalid = next < beats;
         if (next < beats)
             for (int k = 0; k < LANES; k++) set_bits(top.pixels___05Fpayload, k * PIXEL_BITS, PIXEL_BITS, pix[next * LANES + k]);
+#if HAS_WEIGHTS
+        top.weights___05Fvalid = wnext < (long)wts.size();
+        if (wnext < (long)wts.size()) top.weights___05Fpayload = wts[wnext];
+#endif
         top.clk = 0; top.eval();
         bool in_fire = top.pixels___05Fvalid && top.pixels___05Fready;
+#if HAS_WEIGHTS
+        bool w_fire = top.weights___05Fvalid && top.weights___05Fready;
+#endif
         if (top.result___05Fvalid) {
+            if (HAS_WEIGHTS && wdone_cycle < 0) { fprintf(stderr, "a result left before the weights were loaded (cycle %ld)\n", cycle); return 1; }
             out.push_back(cycle);
             out.push_back((int64_t)bits_of(top.result___05Fpayload, 0, CLS_W));
             for (int c = 0; c < CLASSES; c++) {
@@ -85,6 +107,9 @@ int main(int argc, char **argv) {
         }
         top.clk = 1; top.eval();
         if (in_fire) next++;
+#if HAS_WEIGHTS
+        if (w_fire && ++wnext == (long)wts.size()) wdone_cycle = cycle;
+#endif
     }
     FILE *o = fopen(argv[3], "wb");
     fwrite(out.data(), sizeof(int64_t), out.size(), o);
@@ -102,7 +127,7 @@ def build_harness(acc, work_dir):
     last = acc.stages[-1]
     subst = {"LANES": acc.stages[0].in_lanes, "PIXEL_BITS": acc.pixel_shape.width,
              "CLASSES": last.params["classes"], "CLS_W": acc.result.payload.cls.shape().width,
-             "LOGIT_W": last.params["logit_shape"].width}
+             "LOGIT_W": last.params["logit_shape"].width, "HAS_WEIGHTS": int(bool(acc.loaded_stages))}
     src = _HARNESS
     for k, v in subst.items():
         src = src.replace(f"@{k}@", str(v))
@@ -135,12 +160,17 @@ def simulate_all(qmd, folding, images, labels, work_dir, jobs=None):
     flat = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).reshape(frames, -1))
     jobs = max(1, min(jobs or os.cpu_count() or 1, frames))
     chunks = np.array_split(np.arange(frames), jobs)
+    wimage = weight_image(qmd, folding)
+    extra = []
+    if wimage:
+        (work_dir / "weights.bin").write_bytes(wimage)
+        extra = [str(work_dir / "weights.bin")]
     t1 = time.time()
     procs = []
     for j, idx in enumerate(chunks):       # independent image ranges, one simulator process each
         flat[idx].tofile(work_dir / f"pixels{j}.bin")
         procs.append(subprocess.Popen([str(exe), str(work_dir / f"pixels{j}.bin"), str(len(idx)),
-                                       str(work_dir / f"results{j}.bin")], stderr=subprocess.PIPE, text=True))
+                                       str(work_dir / f"results{j}.bin"), *extra], stderr=subprocess.PIPE, text=True))
     errors = [p.communicate()[1].strip() for p in procs if p.wait()]
     t_sim = time.time() - t1
     if errors:
@@ -150,7 +180,7 @@ def simulate_all(qmd, folding, images, labels, work_dir, jobs=None):
              for j, idx in enumerate(chunks)]
     res = np.concatenate(parts)
     hw_cls, hw_logits = res[:, 1], res[:, 2:]
-    intervals = np.concatenate([np.diff(p[:, 0])[2:] for p in parts])
+    intervals = np.concatenate([np.diff(p[:, 0])[2:] for p in parts])   # (the first frames also wait for the weights)
     cycles_total = int(sum(p[-1, 0] for p in parts))
 
     ref = ReferenceModel(qmd)

@@ -3,7 +3,9 @@
 ``simulate(qmd, folding, images)`` generates the Verilog (with observation taps on
 every inner stream), builds it with Verilator, runs :mod:`sim.bench_network` under
 cocotb, and compares every captured integer with :class:`models.reference.ReferenceModel`:
-each stage's output stream, the logits and the class, element by element.
+each stage's output stream, the logits and the class, element by element. A design with
+run-time loaded (``"ram"``) weights gets its byte image (:func:`hw.network.weight_image`)
+on the ``weights`` stream from the first cycle, alongside the images.
 """
 
 import json
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.network import Accelerator, frame_cycles
+from hw.network import Accelerator, frame_cycles, weight_image
 from models.reference import ReferenceModel
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import REPO_ROOT
@@ -88,7 +90,11 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
     lanes = stages[0].in_lanes
     flat = np.asarray(images).reshape(frames, -1)
     pixels = flat.reshape(frames, flat.shape[1] // lanes, lanes)
-    np.savez(work_dir / "stimulus.npz", pixels=pixels)
+    wimage = weight_image(qmd, folding)
+    stim = {"pixels": pixels}
+    if wimage:
+        stim["weights"] = np.frombuffer(wimage, dtype=np.uint8)
+    np.savez(work_dir / "stimulus.npz", **stim)
 
     taps = [{"name": s.name, "width": s.out_shape.width, "lanes": s.out_lanes, "signed": s.out_shape.signed}
             for s in stages[:-1]]
@@ -100,7 +106,9 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
         captured.unlink()
     cfg = {"stimulus": str(work_dir / "stimulus.npz"), "pixel_width": acc.pixel_shape.width, "taps": taps,
            "result": result, "in_stall": in_stall, "out_stall": out_stall, "seed": seed,
-           "captured": str(captured), "cycles_per_beat": frame_cycles(stages) // pixels.shape[1] + 1}
+           "captured": str(captured), "cycles_per_beat": frame_cycles(stages) // pixels.shape[1] + 1,
+           "max_cycles": 100000 + 100 * frames * pixels.shape[1] * (frame_cycles(stages) // pixels.shape[1] + 1)
+           + 20 * len(wimage)}
     (work_dir / "bench.json").write_text(json.dumps(cfg, indent=1))
 
     _run_cocotb(vfile, work_dir)
@@ -137,6 +145,9 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
                       "mismatches": bad_logits + bad_cls, "cycles_per_frame_analytic": last.cycles_per_frame,
                       "cycles_per_frame_measured": _steady_interval(got["result_cycles"])})
     measured = _steady_interval(got["result_cycles"])
+    weights_cycle = int(got["weights_cycle"])
+    early = int((got["result_cycles"] <= weights_cycle).sum()) if wimage else 0
+    mismatches += early           # a result before the weights are in counts as wrong, whatever it says
     return {
         "model": qmd.name, "images": frames, "mismatches": mismatches,
         "layers_compared": len(compared), "layers_compared_names": compared,
@@ -146,6 +157,8 @@ def simulate(qmd, folding, images, work_dir, *, in_stall=0.0, out_stall=0.0, see
         "cycles_per_frame_analytic": frame_cycles(stages),
         "first_result_cycle": int(got["result_cycles"][0]),
         "in_stall": in_stall, "out_stall": out_stall,
+        "weight_bytes": len(wimage), "weights_loaded_cycle": weights_cycle if wimage else None,
+        "results_before_weights": early,
         "per_stage": per_layer,
         "hardware_classes": got["cls"].tolist(),
     }
@@ -176,15 +189,15 @@ def _verilator_runner():
     return PipVerilator()
 
 
-def _run_cocotb(vfile, work_dir, *, top=TOP, test_module="sim.bench_network"):
-    """Build ``vfile`` (top module ``top``) with Verilator and run the cocotb ``test_module``;
-    the bench reads its configuration from ``work_dir/bench.json``."""
+def _run_cocotb(vfile, work_dir, *, top=TOP, test_module="sim.bench_network", extra_sources=()):
+    """Build ``vfile`` (top module ``top``, plus ``extra_sources``) with Verilator and run the
+    cocotb ``test_module``; the bench reads its configuration from ``work_dir/bench.json``."""
     verilator_env()
     runner = _verilator_runner()
     build_dir = work_dir / "sim_build"
     log_file = work_dir / "verilator.log"
     try:
-        runner.build(sources=[vfile], hdl_toplevel=top, build_dir=build_dir, always=True,
+        runner.build(sources=[vfile, *extra_sources], hdl_toplevel=top, build_dir=build_dir, always=True,
                      build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "0", "--x-initial", "0"],
                      log_file=log_file)
     except (SystemExit, Exception) as e:

@@ -69,6 +69,21 @@ def test_budget_search_is_fastest_that_fits(cnn):
         assert not fits(estimate_totals(cnn, faster, dev.family), dev, 0.05)
 
 
+def test_up5k_budget_puts_the_largest_weights_in_spram(mnist):
+    dev = get_device("up5k")
+    folding = fold_for_budget(mnist, dev)
+    validate_folding(folding, mnist)
+    t = estimate_totals(mnist, folding, dev.family)
+    assert fits(t, dev, 0.8) and t["spram_blocks"] >= 1
+    assert folding["fc0"].get("weights") == "ram"     # 200,704 bits never fit the 30 EBRs
+    for name, f in folding.items():
+        if f.get("weights") == "ram":
+            layer = next(l for l in mnist.layers if l.name == name)
+            assert layer.weights.size // (f["pe"] * f["simd"]) <= 16384   # one SPRAM deep
+
+
 def test_budget_that_cannot_fit_is_one_line_error(mnist):
-    with pytest.raises(QnnfabError, match=r"does not fit the iCE40UP5K even fully folded: .*EBR"):
-        fold_for_budget(mnist, get_device("up5k"))
+    tiny = get_device("up5k").__class__("t", "ecp5", "TINY", "p", "6", luts=100, ffs=100, ebr_blocks=2,
+                                        ebr_bits=18432)
+    with pytest.raises(QnnfabError, match=r"does not fit the TINY even fully folded: .*EBR"):
+        fold_for_budget(mnist, tiny)

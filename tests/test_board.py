@@ -1,7 +1,9 @@
 """The UART accelerator core (boards/top.py) in Amaranth's simulator on small random
 networks: images bit-banged into ``rx``, replies decoded from ``tx`` with the host's
 protocol code (boards/protocol.py) and compared with the integer reference; pipelined
-images, unknown and reserved commands, an abandoned image; the protocol's encoding."""
+images, unknown commands, 'W' on a design without run-time weights, an abandoned image;
+with run-time weights: images before the weights, 'W' + image -> 'K', reload, an
+abandoned load; the protocol's encoding."""
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from amaranth.sim import Simulator
 
 from boards.protocol import BoardFormat, ProtocolError, Reply
 from boards.top import UartAccelerator
+from hw.network import weight_image
 from models.qmd import save_qmd
 from models.reference import ReferenceModel
 from models.synthetic import random_binary_mlp
@@ -59,7 +62,8 @@ def run_core(core, script, reply_bytes, max_cycles=200_000):
             got.append(byte)
             cycles += 9 * d + d // 2
         await ctx.tick().repeat(8 * d)
-        status.update(frames=ctx.get(core.frames), errors=ctx.get(core.errors), busy=ctx.get(core.busy))
+        status.update(frames=ctx.get(core.frames), errors=ctx.get(core.errors), busy=ctx.get(core.busy),
+                      loaded=ctx.get(core.loaded))
 
     sim = Simulator(core)
     sim.add_clock(1e-8)
@@ -122,7 +126,39 @@ def test_core_pipelined_images_errors_and_timeout(tmp_path, case):
     expect = _expected(qmd, images)
     assert replies == [expect[0], expect[1], Reply("E", command=ord("X")), Reply("E", command=ord("W")),
                        expect[2], Reply("E", command=ord("I")), expect[4]]
-    assert status == {"frames": 4, "errors": 3, "busy": 0}
+    assert status == {"frames": 4, "errors": 3, "busy": 0, "loaded": 1}
+
+
+def test_core_with_run_time_weights(tmp_path):
+    """fc0 and fc2 in run-time loaded RAM: an image before any 'W' is answered 'E' 'I' (not
+    computed); 'W' + the weight image -> 'K'; pipelined images bit-exact; a second 'W'
+    reloads ('K') and images stay bit-exact; a 'W' whose bytes stop -> 'E' 'W', after which
+    images are refused again until the next complete load."""
+    qmd = random_binary_mlp(tmp_path / "qmd", [24, 12, 8, 6], seed=8)
+    folding = {"fc0": {"pe": 4, "simd": 12, "weights": "ram"}, "fc1": {"pe": 2, "simd": 4},
+               "fc2": {"pe": 3, "simd": 8, "weights": "ram"}}
+    divisor = 4
+    core = UartAccelerator(qmd, folding, divisor, timeout_bits=40)
+    fmt = core.format
+    image = weight_image(qmd, folding)
+    assert fmt.weight_bytes == len(image) == 6 * 6 + 2 * 3      # fc0: 6 words of 48 bits, fc2: 2 of 24
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, *qmd.input_shape))
+    enc = [fmt.encode_image(x) for x in images]
+    gap = 60 * 10 * divisor          # idle cycles: every reply is out before the next 'W'
+    script = [enc[0],                                  # before the weights: 'E' 'I'
+              fmt.encode_weights(image),               # 'K'
+              enc[1] + enc[2],                         # two pipelined results
+              gap, fmt.encode_weights(image),          # reload: 'K'
+              enc[3],
+              gap, fmt.encode_weights(image)[:10], 60 * divisor,   # a stalled load: 'E' 'W'
+              enc[4]]                                  # weights unloaded: 'E' 'I'
+    n = 3 * fmt.result_bytes + 2 + 3 * 2
+    raw, status = run_core(core, script, n, max_cycles=400_000)
+    expect = _expected(qmd, images)
+    assert fmt.decode_replies(raw) == [Reply("E", command=ord("I")), Reply("K"), expect[1], expect[2], Reply("K"),
+                                       expect[3], Reply("E", command=ord("W")), Reply("E", command=ord("I"))]
+    assert status == {"frames": 3, "errors": 3, "busy": 0, "loaded": 0}
 
 
 def test_core_rejects_a_uart_faster_than_the_network_and_bad_parameters(tmp_path):
@@ -157,7 +193,15 @@ def test_protocol_encoding_and_decoding():
         fmt.encode_image(np.zeros((2, 2, 1)))
     with pytest.raises(ProtocolError, match=r"^reply: truncated 'R' reply: 5 of 8 bytes"):
         fmt.decode_replies(reply[:5])
-    with pytest.raises(ProtocolError, match=r"^reply: reply starts with byte 0x5a, neither 'R' nor 'E'"):
+    with pytest.raises(ProtocolError, match=r"^reply: reply starts with byte 0x5a, not 'R', 'K' or 'E'"):
         fmt.decode_replies(b"Z")
     with pytest.raises(ProtocolError, match=r"^reply: class byte 3 is not below 3 classes"):
         fmt.decode_result(b"R\x03" + reply[2:])
+    assert fmt.decode_replies(b"K" + reply + b"EW") == [Reply("K"), Reply("R", 2, (-300, 5, 511)),
+                                                        Reply("E", command=ord("W"))]
+    with pytest.raises(QnnfabError, match=r"^weights: this design has no run-time loaded weights"):
+        fmt.encode_weights(b"")
+    wfmt = BoardFormat(input_shape=(2, 2, 1), signed=False, classes=3, logit_width=4, weight_bytes=3)
+    assert wfmt.encode_weights(b"\x01\x02\x03") == b"W\x01\x02\x03"
+    with pytest.raises(QnnfabError, match=r"^weights: weight image of 2 bytes, the design loads 3"):
+        wfmt.encode_weights(b"\x01\x02")

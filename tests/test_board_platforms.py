@@ -53,6 +53,20 @@ def test_bnn_mnist_board_top_elaborates_for_icebreaker():
     assert top.core.format.frame_bytes == 784 and top.core.lanes == 49
 
 
+def test_bnn_mnist_up5k_folding_puts_weights_in_spram_on_the_icebreaker():
+    """The iCEBreaker folding elaborates with fc0-fc2 as SB_SPRAM256KA instances (2 + 1 + 1);
+    the same core without a platform (simulation) has no primitive."""
+    qmd = load_qmd(ZOO_DIR / "bnn_mnist")
+    folding = load_folding(ZOO_DIR / "bnn_mnist" / "folding-up5k.json", qmd)
+    top = BoardTop(qmd, folding)
+    rtlil = board_platform("icebreaker").prepare(top, name="bnn_mnist").files["bnn_mnist.il"]
+    assert rtlil.count("cell \\SB_SPRAM256KA ") == 4
+    assert top.core.format.weight_bytes == 41472 and top.core.lanes == 16
+    from amaranth.back import rtlil as rtlil_backend
+    from boards.top import UartAccelerator
+    assert "SB_SPRAM256KA" not in rtlil_backend.convert(UartAccelerator(qmd, folding, 104), name="core")
+
+
 def test_board_errors_are_one_line(small):
     with pytest.raises(QnnfabError, match=r"^board: unknown board 'icestick' \(known: icebreaker, ulx3s-85f, "
                                           r"orangecrab-25f\)$"):

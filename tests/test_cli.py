@@ -37,7 +37,24 @@ def test_verilog_writes_verilog_and_report(model, tmp_path, capsys):
     fc0 = next(l for l in rep["layers"] if l["name"] == "fc0")
     assert (fc0["kind"], fc0["engine"], fc0["pe"], fc0["simd"], fc0["fused"]) == \
         ("dense", "xnor_mvtu", 2, 4, ["fc0", "fc0_act"])
-    assert "| fc0 | dense | xnor_mvtu | 2 | 4 | 16 |" in (out / "report.md").read_text()
+    assert "| fc0 | dense | xnor_mvtu | 2 | 4 | rom | 16 |" in (out / "report.md").read_text()
+    assert rep["weight_load"] == {"layers": [], "bytes": 0, "bits": 0}
+
+
+def test_report_names_the_run_time_loaded_layers(model, tmp_path):
+    (model / "folding.json").write_text(json.dumps(
+        {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 2, "simd": 4, "weights": "ram"},
+                                                "fc1": {"pe": 1, "simd": 2}}}))
+    assert main(["verilog", "--model", str(model)]) == 0
+    out = tmp_path / "build" / "tiny"
+    rep = json.loads((out / "report.json").read_text())
+    # fc0: 8 x 16 weights, 8 bits per word (PE*SIMD), 4*4 words -> 16 bytes
+    assert rep["weight_load"] == {"layers": ["fc0"], "bytes": 16, "bits": 128}
+    assert [l.get("weights") for l in rep["layers"] if l["engine"] == "xnor_mvtu"] == ["ram", "rom"]
+    md = (out / "report.md").read_text()
+    assert "Weights loaded at run time (`'W'` + 16 bytes over the UART, 128 bits): `fc0`" in md
+    verilog = (out / "tiny.v").read_text()
+    assert "input [7:0] weights__payload;" in verilog and "output weights_loaded;" in verilog
 
 
 def _error_line(capsys):
@@ -88,3 +105,16 @@ def test_exit_status_from_a_real_process(model):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "qmd.npz: cannot read arrays" in p.stderr
+
+
+def test_check_validates_the_per_device_foldings_too(model, capsys):
+    (model / "folding-up5k.json").write_text(json.dumps(
+        {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 2, "simd": 4, "weights": "ram"},
+                                                "fc1": {"pe": 1, "simd": 2}}}))
+    assert main(["check", "--model", str(model)]) == 0
+    assert "folding-up5k.json: valid for 2 folded layers; run-time loaded weights: fc0" in capsys.readouterr().out
+    (model / "folding-85f.json").write_text(json.dumps(
+        {"format": "qnnfab-folding", "layers": {"fc0": {"pe": 2, "simd": 4, "weights": "sram"},
+                                                "fc1": {"pe": 1, "simd": 2}}}))
+    assert main(["check", "--model", str(model)]) == 2
+    assert "folding-85f.json: layer 'fc0' field 'weights': must be \"rom\"" in _error_line(capsys)

@@ -1,6 +1,7 @@
 """The host script (boards/host.py) against a fake board on a fake serial port: the real
 protocol bytes both ways, every logit compared, mismatches and error replies reported
-with exit status 1, bad input as one line with status 2, pyserial missing named."""
+with exit status 1, bad input as one line with status 2, pyserial missing named; the
+run-time weight load ('W' + image -> 'K') of bnn_mnist's iCEBreaker folding."""
 
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import boards.host as host
-from boards.protocol import CMD_IMAGE, REPLY_ERROR, BoardFormat
+from boards.protocol import CMD_IMAGE, CMD_WEIGHTS, REPLY_ERROR, REPLY_LOADED, BoardFormat
 from models.data import load_dataset
 from models.qmd import load_qmd
 from models.reference import ReferenceModel
@@ -20,10 +21,11 @@ class FakeBoard:
     """A serial port with the protocol's board side behind it, answering with the reference;
     ``corrupt``: image index -> (class index whose logit is off by one) or 'E'."""
 
-    def __init__(self, qmd, fmt, corrupt=None):
+    def __init__(self, qmd, fmt, corrupt=None, weights=None):
         self.fmt, self.ref, self.corrupt = fmt, ReferenceModel(qmd), corrupt or {}
         self.inbox, self.outbox, self.images, self.max_in_flight = bytearray(), bytearray(), 0, 0
         self.port, self.closed = "/dev/fake", False
+        self.weights, self.loaded, self.timeout = weights, weights is None, 1.0    # weights: the image it expects
 
     def write(self, data):
         self.inbox += data
@@ -31,6 +33,16 @@ class FakeBoard:
 
     def read(self, n):
         while len(self.outbox) < n and self.inbox:       # the board works on what it has received
+            if self.inbox[0] == CMD_WEIGHTS and self.weights is not None:
+                got = bytes(self.inbox[1:1 + len(self.weights)])
+                del self.inbox[:1 + len(self.weights)]
+                self.loaded = got == self.weights
+                self.outbox += bytes([REPLY_LOADED]) if self.loaded else bytes([REPLY_ERROR, CMD_WEIGHTS])
+                continue
+            if self.inbox[0] == CMD_IMAGE and not self.loaded:
+                del self.inbox[:1 + self.fmt.frame_bytes]
+                self.outbox += bytes([REPLY_ERROR, CMD_IMAGE])
+                continue
             if self.inbox[0] != CMD_IMAGE:
                 self.outbox += bytes([REPLY_ERROR, self.inbox.pop(0)])
                 continue
@@ -84,6 +96,27 @@ def test_host_all_images_bit_exact(monkeypatch, capsys, mnist):
             f"reference {100 * ref_acc:.2f}%; 0 mismatching integers, 0 error replies in 0 images (bit-exact)"
             in out.out)
     assert "frames/s" in out.out and "the UART allows 14.68 frames/s at 115200 baud" in out.out
+
+
+def test_host_loads_run_time_weights_first(monkeypatch, capsys):
+    """--board icebreaker picks bnn_mnist's folding-up5k.json (fc0-fc2 in SPRAM): the host sends
+    'W' and the exact weight image first, gets 'K', then every image is bit-exact."""
+    from hw.folding import load_folding
+    from hw.network import weight_image
+    qmd = load_qmd(ZOO_DIR / "bnn_mnist")
+    folding = load_folding(ZOO_DIR / "bnn_mnist" / "folding-up5k.json", qmd)
+    fmt = BoardFormat.from_model(qmd, folding)
+    assert fmt.weight_bytes == 6272 * 4 + 2 * 4096 * 2 == 41472
+    board = FakeBoard(qmd, fmt, weights=weight_image(qmd, folding))
+    rc, out = _run(monkeypatch, capsys, board, "--images", "4", "--board", "icebreaker")
+    assert rc == 0, out.err
+    assert board.loaded and board.images == 4 and board.timeout == 1.0      # the load's long timeout undone
+    assert "loaded 41,472 weight bytes ('W' -> 'K')" in out.out and "(bit-exact)" in out.out
+
+    board = FakeBoard(qmd, fmt, weights=bytes(fmt.weight_bytes))    # expects other bytes: answers 'E' 'W'
+    rc, out = _run(monkeypatch, capsys, board, "--images", "4", "--board", "icebreaker")
+    assert rc == 2 and out.err.strip() == ("error: /dev/fake: the board answered 'E' 'W' to the weight load "
+                                           "instead of 'K'")
 
 
 def test_host_reports_every_mismatch_and_error_reply(monkeypatch, capsys, mnist):

@@ -1,13 +1,15 @@
 """MVTU (XNOR-popcount and add/subtract datapaths) in Amaranth's simulator against numpy,
-on random shapes, foldings, thresholds and valid/ready stalls."""
+on random shapes, foldings, thresholds and valid/ready stalls; weights in ROM and in a
+run-time loaded RAM (load, then compute; nothing before the load completes; reload)."""
 
 import numpy as np
 import pytest
 
 from amaranth.hdl import signed, unsigned
+from amaranth.sim import Simulator
 
-from hw.mvtu import MVTU
-from sim.amaranth_stream import pack, run_stream, unpack
+from hw.mvtu import MVTU, weight_bits
+from sim.amaranth_stream import Feed, pack, run_stream, unpack
 
 
 def _divisor(rng, n):
@@ -103,6 +105,114 @@ def test_folding_that_does_not_divide_is_rejected(bad, message):
     args.update(bad)
     with pytest.raises(ValueError, match=message):
         MVTU(np.ones((8, 8), dtype=int), **args)
+
+
+def _thresholds(rng, m, n):
+    thr = rng.integers(-n - 1, n + 2, (m, int(rng.choice([1, 3]))))
+    direction = rng.choice([-1, 1], m)
+    return np.where(direction[:, None] > 0, np.sort(thr, 1), -np.sort(-thr, 1)), direction
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ram_weights_load_then_compute_under_stalls(seed):
+    """Vectors arrive from cycle 0, the weight words later and with stalls: every output is
+    bit-exact and the first one leaves only after the last weight word was taken."""
+    rng = np.random.default_rng(300 + seed)
+    m, n = int(rng.integers(1, 17)), int(rng.integers(1, 41))
+    pe, simd = _divisor(rng, m), _divisor(rng, n)
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.choice([-1, 1], (int(rng.integers(1, 5)), n))
+    thr, direction = _thresholds(rng, m, n) if seed % 2 else (None, None)
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, weights_storage="ram")
+    words = dut.weight_words()
+    assert len(words) == dut.nf * dut.sf and all(0 <= v < 1 << (pe * simd) for v in words)
+    load = Feed(dut.load, words, start=int(rng.integers(0, 3 * n)), stall=0.4)
+    beats = [pack((v[s * simd:(s + 1) * simd] + 1) // 2, 1) for v in x for s in range(n // simd)]
+    out, cycles = run_stream(dut, beats, len(x) * dut.nf, in_stall=0.3, out_stall=0.3, seed=seed, feeds=[load])
+    got = np.array([e for b in out for e in unpack(b, dut.out_elem.width, pe, dut.out_elem.signed)])
+    assert np.array_equal(got.reshape(len(x), m), _reference(x, w, thr, direction))
+    assert cycles[0] > load.cycles[-1], "an output left before the weights were loaded"
+
+
+def test_ram_weights_addsub_datapath_and_full_rate_after_load():
+    """Integer inputs on a loaded RAM; once loaded, one vector every NF*SF cycles like ROM."""
+    rng = np.random.default_rng(9)
+    m, n, pe, simd = 6, 12, 3, 4
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.integers(0, 256, (5, n))
+    dut = MVTU(w, pe=pe, simd=simd, in_shape=unsigned(8), weights_storage="ram")
+    load = Feed(dut.load, dut.weight_words())
+    beats = [pack(v[s * simd:(s + 1) * simd], 8) for v in x for s in range(n // simd)]
+    out, cycles = run_stream(dut, beats, len(x) * dut.nf, feeds=[load])
+    got = np.array([e for b in out for e in unpack(b, dut.out_elem.width, pe, True)]).reshape(len(x), m)
+    assert np.array_equal(got, x @ w.T)
+    assert cycles[0] > load.cycles[-1]
+    assert np.diff(cycles[::dut.nf]).tolist() == [dut.nf * dut.sf] * (len(x) - 1)
+
+
+def test_weight_words_layout():
+    """Word f*SF+s, bit p*SIMD+k = W[f*PE+p, s*SIMD+k]; the same for ROM and the load stream."""
+    rng = np.random.default_rng(3)
+    w = rng.choice([-1, 1], (6, 10))
+    dut = MVTU(w, pe=2, simd=5)
+    words = dut.weight_words()
+    for f in range(3):
+        for s in range(2):
+            for p in range(2):
+                for k in range(5):
+                    assert (words[f * 2 + s] >> (p * 5 + k)) & 1 == int(w[f * 2 + p, s * 5 + k] > 0)
+    assert weight_bits(w, 2, 5).shape == (6, 10)
+
+
+def test_ram_weights_reload_replaces_them():
+    """Load W1 and compute, pulse ``reload``, load W2 and compute: outputs follow each load;
+    no extra load word is accepted once loaded."""
+    rng = np.random.default_rng(11)
+    m, n, pe, simd = 4, 8, 2, 4
+    w1, w2 = rng.choice([-1, 1], (m, n)), rng.choice([-1, 1], (m, n))
+    x = rng.choice([-1, 1], (2, n))
+    dut = MVTU(w1, pe=pe, simd=simd, weights_storage="ram")
+    words = {1: dut.weight_words(), 2: MVTU(w2, pe=pe, simd=simd).weight_words()}
+    beats = [pack((v[s * simd:(s + 1) * simd] + 1) // 2, 1) for v in x for s in range(n // simd)]
+    got = {}
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        for phase in (1, 2):
+            if phase == 2:
+                ctx.set(dut.reload, 1)
+                await ctx.tick()
+                ctx.set(dut.reload, 0)
+                assert not ctx.get(dut.loaded)
+            for word in words[phase]:
+                ctx.set(dut.load.valid, 1)
+                ctx.set(dut.load.payload, word)
+                await ctx.tick().until(dut.load.ready)
+            ctx.set(dut.load.valid, 0)
+            await ctx.tick()
+            assert ctx.get(dut.loaded) and not ctx.get(dut.load.ready)
+            outs = []
+            for beat in beats:
+                ctx.set(dut.i.valid, 1)
+                ctx.set(dut.i.payload.as_value(), beat)
+                await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+            while len(outs) < len(x) * (m // pe):
+                _, _, valid, payload = await ctx.tick().sample(dut.o.valid, dut.o.payload.as_value())
+                if valid:
+                    outs.append(payload)
+            got[phase] = np.array([e for b in outs for e in unpack(b, dut.out_elem.width, pe, True)]).reshape(len(x), m)
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    assert np.array_equal(got[1], x @ w1.T) and np.array_equal(got[2], x @ w2.T)
+
+
+def test_bad_weight_storage_is_rejected():
+    with pytest.raises(ValueError, match="weights_storage must be 'rom' or 'ram', got 'flash'"):
+        MVTU(np.ones((4, 4), dtype=int), pe=2, simd=2, weights_storage="flash")
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -1,5 +1,6 @@
 """Whole accelerators from random QMDs and foldings, in Amaranth's simulator, against the
-integer reference; stage planning and folding validation."""
+integer reference; run-time loaded ("ram") weights through the ``weights`` byte stream;
+stage planning and folding validation."""
 
 import json
 
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 
 from hw.folding import load_folding
-from hw.network import Accelerator, frame_cycles, plan_network
+from hw.mvtu import MVTU
+from hw.network import Accelerator, frame_cycles, plan_network, weight_image, weight_image_bytes
 from models.reference import ReferenceModel
 from models.synthetic import random_binary_cnn, random_binary_mlp
 from qnnfab.errors import QnnfabError
-from sim.amaranth_stream import pack, run_stream, unpack
+from sim.amaranth_stream import Feed, pack, run_stream, unpack
 
 
 def _divisors(n):
@@ -33,14 +35,17 @@ def _random_folding(rng, qmd):
     return folding
 
 
-def _simulate(qmd, folding, images, stall, seed):
+def _simulate(qmd, folding, images, stall, seed, feeds=()):
     acc = Accelerator(qmd, folding)
     acc.i, acc.o = acc.pixels, acc.result          # run_stream drives .i / .o
     lanes = acc.stages[0].in_lanes
     flat = images.reshape(len(images), -1)
     beats = [pack(f[b * lanes:(b + 1) * lanes], 8) for f in flat for b in range(flat.shape[1] // lanes)]
+    feeds = [Feed(getattr(acc, port), beats_, start=start, stall=stall) for port, beats_, start in feeds]
     out, cycles = run_stream(acc, beats, len(images), in_stall=stall, out_stall=stall, seed=seed,
-                             max_cycles=200 * len(beats) + 20 * frame_cycles(acc.stages) * len(images))
+                             max_cycles=200 * len(beats) + 20 * frame_cycles(acc.stages) * len(images)
+                             + 20 * sum(len(f.beats) for f in feeds), feeds=feeds)
+    acc.feeds = feeds
     last = acc.stages[-1]
     cls_w = acc.result.payload.cls.shape().width
     classes, lw = last.params["classes"], last.params["logit_shape"].width
@@ -61,6 +66,50 @@ def test_random_network_matches_reference(tmp_path, seed):
     trace = ReferenceModel(qmd).trace(images)
     assert np.array_equal(logits, trace[qmd.layers[-2].name].numpy())
     assert np.array_equal(cls, trace["class"].numpy())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_run_time_loaded_weights_match_reference(tmp_path, seed):
+    """Some layers' weights loaded at run time (random folding, random layers marked "ram"):
+    bytes arrive late and with stalls while images are already queued; every logit and
+    class equals the reference, and no result leaves before the last weight byte."""
+    rng = np.random.default_rng(400 + seed)
+    sizes = [int(rng.choice([8, 12, 16]))] + [int(rng.choice([4, 6, 8, 12])) for _ in range(int(rng.integers(1, 4)))]
+    qmd = random_binary_mlp(tmp_path, sizes, seed=seed)
+    folding = _random_folding(rng, qmd)
+    names = list(folding)
+    for name in rng.choice(names, int(rng.integers(1, len(names) + 1)), replace=False):
+        folding[name]["weights"] = "ram"
+    image = weight_image(qmd, folding)
+    stages = plan_network(qmd, folding)
+    assert len(image) == weight_image_bytes(stages) > 0
+    images = rng.integers(0, 256, (3, sizes[0], 1)).astype(np.uint8)
+    cls, logits, cycles, acc = _simulate(qmd, folding, images, stall=0.25, seed=seed,
+                                         feeds=[("weights", list(image), int(rng.integers(0, 40)))])
+    trace = ReferenceModel(qmd).trace(images)
+    assert np.array_equal(logits, trace[qmd.layers[-2].name].numpy())
+    assert np.array_equal(cls, trace["class"].numpy())
+    assert cycles[0] > acc.feeds[0].cycles[-1], "a result left before the weights were loaded"
+
+
+def test_weight_image_layout(tmp_path):
+    """Per "ram" layer in network order: its MVTU words, ceil(PE*SIMD/8) little-endian bytes each."""
+    qmd = random_binary_mlp(tmp_path, [16, 12, 8, 4], seed=3)
+    folding = {"fc0": {"pe": 3, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 12},
+               "fc2": {"pe": 2, "simd": 8, "weights": "ram"}}
+    image = weight_image(qmd, folding)
+    expect = b""
+    for name in ("fc0", "fc2"):
+        layer, f = qmd.layer(name), folding[name]
+        width = f["pe"] * f["simd"]
+        for word in MVTU(layer.weights, pe=f["pe"], simd=f["simd"]).weight_words():
+            expect += word.to_bytes((width + 7) // 8, "little")
+    assert image == expect and len(image) == 16 * 2 + 2 * 2      # fc0: 16 words of 12 bits, fc2: 2 of 16
+    assert weight_image(qmd, {k: dict(v, weights="rom") for k, v in folding.items()}) == b""
+    acc = Accelerator(qmd, folding)
+    assert acc.weight_bytes == 36 and [s.name for s in acc.loaded_stages] == ["fc0", "fc2"]
+    assert not hasattr(Accelerator(qmd, {"fc0": {"pe": 3, "simd": 4}, "fc1": {"pe": 1, "simd": 12},
+                                         "fc2": {"pe": 2, "simd": 8}}), "weights")
 
 
 def test_steady_state_interval_is_the_slowest_stage(tmp_path):
@@ -95,6 +144,11 @@ def _write_folding(d, layers):
     ({"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 1}, "fc9": {"pe": 1, "simd": 1}},
      "layer 'fc9': no such layer"),
     ({"fc0": {"pe": "2", "simd": 4}, "fc1": {"pe": 1, "simd": 1}}, "field 'pe': must be a positive integer"),
+    ({"fc0": {"pe": 2, "simd": 4, "weights": "flash"}, "fc1": {"pe": 1, "simd": 1}},
+     "layer 'fc0' field 'weights': must be \"rom\" (initialised block RAM) or \"ram\" (loaded at run time), "
+     "got 'flash'"),
+    ({"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 1, "weight": "ram"}},
+     "layer 'fc1' field 'weight': unknown field (known: pe, simd, weights)"),
 ])
 def test_bad_folding_is_one_clear_error(tmp_path, layers, message):
     qmd = random_binary_mlp(tmp_path, [16, 8, 4], seed=1)
@@ -102,6 +156,15 @@ def test_bad_folding_is_one_clear_error(tmp_path, layers, message):
     with pytest.raises(QnnfabError) as info:
         load_folding(tmp_path / "folding.json", qmd)
     assert message in str(info.value) and str(tmp_path / "folding.json") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_folding_weights_field_defaults_to_rom(tmp_path):
+    qmd = random_binary_mlp(tmp_path, [16, 8, 4], seed=1)
+    _write_folding(tmp_path, {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 1}})
+    folding = load_folding(tmp_path / "folding.json", qmd)
+    assert folding == {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 1, "weights": "rom"}}
+    assert [s.weights for s in plan_network(qmd, folding) if s.engine == "xnor_mvtu"] == ["ram", "rom"]
 
 
 def test_neighbouring_widths_that_do_not_divide_are_rejected(tmp_path):
@@ -141,3 +204,14 @@ def test_cnn_frame_interval_is_the_slowest_stage(tmp_path):
     analytic = frame_cycles(acc.stages)
     measured = np.diff(cycles)[2:]
     assert abs(measured.mean() - analytic) <= 0.05 * analytic, (measured, analytic)
+
+
+def test_run_time_weights_on_a_ternary_layer_are_refused(tmp_path):
+    from models.synthetic import random_ternary_mlp
+    qmd = random_ternary_mlp(tmp_path, [16, 8, 4], density=0.5, seed=1)
+    folding = {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 2}}
+    with pytest.raises(QnnfabError, match=r"layer 'fc0' field 'weights': run-time loaded \("
+                                          r"\"ram\"\) weights are supported for binary weights only"):
+        plan_network(qmd, folding)
+    folding["fc0"]["weights"] = "rom"
+    assert [s.weights for s in plan_network(qmd, folding) if s.engine == "ternary_mvtu"] == ["rom", "rom"]
