@@ -15,9 +15,12 @@ Two datapaths, chosen by the input element shape:
 * ``addsub``: integer inputs (e.g. 8-bit pixels, first layer): each weight bit adds or
   subtracts its input (no multipliers); the accumulator holds ``dot`` itself.
 
-Pipeline: A issues the memory reads, B accumulates, C compares a finished total with its
-thresholds into the output register (the comparison has a cycle of its own, so the
-longest path is memory -> popcount -> accumulator).
+Pipeline: A issues the memory reads; (pipelined, the default) the weight word and the input
+word are registered as they leave their memories, then the popcounts of 16 lanes (xnor) or
+the add/subtract sums of 4 lanes (addsub) are registered; B adds those partial sums into the
+accumulator; C compares a finished total with its thresholds into the output register.
+So the longest path is a 16-input popcount, or the sum of a beat's partial sums plus the
+accumulator, not a block-RAM read followed by a whole SIMD-wide popcount.
 
 Folding: ``PE`` output channels in parallel, ``SIMD`` inputs per PE per cycle;
 ``NF = M/PE`` neuron folds, ``SF = N/SIMD`` synapse folds, ``NF*SF`` cycles per vector.
@@ -101,10 +104,15 @@ class MVTU(wiring.Component):
         activations arrive as ``value + 1``, so -1)
     weights_storage : ``"rom"`` (initialised memory) or ``"ram"`` (loaded at run time through
         ``load``; see the module docstring)
+    pipelined : register the memory outputs and the partial sums of 16 (xnor) or 4 (addsub)
+        lanes before the accumulator (default; two cycles more latency, the same throughput,
+        a shorter critical path); ``False``: memory -> XNOR/popcount -> accumulator in one cycle
     """
 
     def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, in_shape=None, in_range=None,
-                 in_offset=0, weights_storage="rom"):
+                 in_offset=0, weights_storage="rom", pipelined=True):
+        self.pipelined = bool(pipelined)
+        self.partial_stages = 2 if self.pipelined else 0
         if weights_storage not in WEIGHT_STORAGE:
             raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
         self.weights_storage = weights_storage
@@ -198,6 +206,8 @@ class MVTU(wiring.Component):
     weight_bits = 1            # weight memory bits per (PE, SIMD lane)
     weights_storage = "rom"    # a subclass with its own __init__ gets initialised weights
     partial_stages = 0         # register stages inside _partial (a pipelined datapath)
+    pipelined = False
+    CHUNK = {"xnor": 16, "addsub": 4}   # lanes per registered partial sum (pipelined)
 
     def _register(self, m, value, name):
         """``value`` one pipeline stage later (a register that moves with the whole pipeline)."""
@@ -222,7 +232,9 @@ class MVTU(wiring.Component):
 
     def _inputs(self, m, data):
         """What every PE shares of one input beat ``data`` (``SIMD`` raw codes): the raw bits
-        (xnor) or the decoded integer elements (addsub)."""
+        (xnor) or the decoded integer elements (addsub); registered first when pipelined."""
+        if self.pipelined:
+            data = self._register(m, data, "in_q")
         if self.datapath == "xnor":
             return data
         iw = self.in_shape.width
@@ -233,11 +245,26 @@ class MVTU(wiring.Component):
             elems = [e + self.in_offset for e in elems]
         return elems
 
-    def _partial(self, m, p, shared, wbits):
-        """PE ``p``'s contribution of one beat: popcount of ``~(x ^ w)`` or the add/subtract tree."""
+    def _chunk_sums(self, shared, wbits):
+        """The partial sums of one beat over groups of ``CHUNK[datapath]`` lanes: popcounts of
+        ``~(x ^ w)`` (xnor) or add/subtract trees (addsub)."""
+        c = self.CHUNK[self.datapath]
         if self.datapath == "xnor":
-            return popcount(~(shared ^ wbits))
-        return sum_tree([Mux(wbits[k], e, -e) for k, e in enumerate(shared)])
+            bits = ~(shared ^ wbits)
+            return [popcount(bits[i:i + c]) for i in range(0, self.simd, c)]
+        terms = [Mux(wbits[k], e, -e) for k, e in enumerate(shared)]
+        return [sum_tree(terms[i:i + c]) for i in range(0, self.simd, c)]
+
+    def _partial(self, m, p, shared, wbits):
+        """PE ``p``'s contribution of one beat: popcount of ``~(x ^ w)`` or the add/subtract
+        tree. Pipelined: the weight word is registered as it leaves the memory (with the
+        input, :meth:`_inputs`), the chunk sums are registered, and their sum feeds the
+        accumulator (:attr:`partial_stages` = 2)."""
+        if not self.pipelined:
+            return sum_tree(self._chunk_sums(shared, wbits))
+        wbits = self._register(m, wbits, f"w_q{p}")
+        chunks = [self._register(m, v, f"chunk{p}_{j}") for j, v in enumerate(self._chunk_sums(shared, wbits))]
+        return sum_tree(chunks)
 
     def elaborate(self, platform):
         m = Module()

@@ -111,10 +111,15 @@ def logic_terms(s):
         folds = bits_for(m * n // (s.pe * s.simd))
         # per lane an XNOR (or a conditional negate) and its share of the adder tree;
         # per PE the accumulator adder and register, comparators, the output register
+        # the pipeline registers of hw.mvtu.MVTU (pipelined): the weight and input words as
+        # they leave their memories, and the partial sums of CHUNK lanes
+        chunk = 16 if s.engine == "xnor_mvtu" else 4
+        chunk_width = bits_for(chunk) if s.engine == "xnor_mvtu" else bits_for(chunk * (1 << in_bits)) + 1
+        pipeline = s.pe * s.simd + s.simd * in_bits + s.pe * -(-s.simd // chunk) * chunk_width
         return ({"lanes": s.pe * s.simd * in_bits, "pe_acc": s.pe * acc, "compare": s.pe * acc * n_thr,
                  "counters": folds, "one": 1},
                 {"pe_acc": s.pe * acc, "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits,
-                 "counters": folds, "one": 1})
+                 "pipeline": pipeline, "counters": folds, "one": 1})
     lanes = max(s.in_lanes, s.out_lanes)
     width = s.out_shape.width if s.out_shape is not None else 8
     if s.engine == "threshold_unit":
@@ -138,7 +143,7 @@ def logic_terms(s):
 
 DEFAULT_COEFFICIENTS = {
     "mvtu": ({"lanes": 2, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
-             {"pe_acc": 1, "pe_out": 1, "input": 1, "counters": 3, "one": 0}),
+             {"pe_acc": 1, "pe_out": 1, "input": 1, "pipeline": 1, "counters": 3, "one": 0}),
     "shift_mvtu": ({"term_bits": 1, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
                    {"term_bits": 3, "pe_acc": 1, "pe_out": 1, "input": 1, "counters": 3, "one": 0}),
     "other": ({"model": 1, "one": 0}, {"model": 1, "one": 0}),

@@ -24,9 +24,9 @@ def _reference(x, w, thr, direction):
     return met.sum(-1)
 
 
-def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0, in_shape=None):
+def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0, in_shape=None, pipelined=True):
     m, n = w.shape
-    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=in_shape)
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=in_shape, pipelined=pipelined)
     enc = (lambda v: (v + 1) // 2) if in_shape is None else (lambda v: v)
     width = 1 if in_shape is None else in_shape.width
     beats = [pack(enc(v[s * simd:(s + 1) * simd]), width) for v in x for s in range(n // simd)]
@@ -70,6 +70,23 @@ def test_addsub_datapath_on_integer_inputs(seed, in_shape):
         thr[0, 0] = int((x[0] @ w[0]))                       # a dot product exactly on its threshold
         direction = rng.choice([-1, 1], m)
     got, _, _ = _run(w, x, pe, simd, thr, direction, stall=0.3, seed=seed, in_shape=in_shape)
+    assert np.array_equal(got, _reference(x, w, thr, direction))
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "combinational"])
+@pytest.mark.parametrize("in_shape", [None, unsigned(8)], ids=["xnor", "addsub"])
+def test_wide_simd_with_and_without_the_pipeline(in_shape, pipelined):
+    """SIMD wider than one registered chunk (16 popcount / 4 add-subtract lanes), with a
+    ragged last chunk, thresholded, under stalls; the same with the combinational datapath."""
+    rng = np.random.default_rng(3 if in_shape is None else 4)
+    m, n, pe, simd = 6, 2 * 38, 3, 38
+    w = rng.choice([-1, 1], (m, n))
+    x = rng.choice([-1, 1], (4, n)) if in_shape is None else rng.integers(0, 256, (4, n))
+    dots = x @ w.T
+    thr = np.sort(rng.choice(dots.ravel(), (m, 3)), 1)
+    direction = np.ones(m, dtype=int)
+    got, _, dut = _run(w, x, pe, simd, thr, direction, stall=0.3, seed=9, in_shape=in_shape, pipelined=pipelined)
+    assert dut.partial_stages == (2 if pipelined else 0)
     assert np.array_equal(got, _reference(x, w, thr, direction))
 
 
