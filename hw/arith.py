@@ -25,6 +25,15 @@ def popcount(value):
     return terms[0]
 
 
+def mul_const(value, k):
+    """``value * k`` for a constant ``k >= 0`` as a sum of shifted copies of ``value`` (one per
+    set bit of ``k``), so that synthesis never spends a DSP multiplier on an address."""
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"mul_const needs a constant integer k >= 0, got {k!r}")
+    terms = [value << i for i in range(k.bit_length()) if k >> i & 1]
+    return sum_tree(terms) if terms else Const(0, 1)
+
+
 def sum_tree(terms):
     """Sum of (signed or unsigned) values as a balanced adder tree."""
     terms = list(terms)

@@ -35,6 +35,8 @@ from amaranth.hdl import Module, Mux, Shape, Signal
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from hw.arith import mul_const
+
 
 def _positive(what, v):
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -130,7 +132,7 @@ class MaxPool(wiring.Component):
         m.d.comb += [
             self.i.ready.eq(advance),
             a_fire.eq(self.i.valid & advance),
-            rd.addr.eq(Mux(drop, 0, ox * CB + cb)),
+            rd.addr.eq(Mux(drop, 0, mul_const(ox, CB) + cb)),
             rd.en.eq(advance),
         ]
         with m.If(a_fire):

@@ -43,9 +43,11 @@ duplicated or reordered. The read port is not transparent; a slot is released in
 cycle its last read is issued, so the writer's next write there lands a cycle later.
 """
 
-from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Array, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
+
+from hw.arith import mul_const
 
 
 def _positive(what, v, minimum=1):
@@ -195,11 +197,12 @@ class SlidingWindow(wiring.Component):
         advance = Signal()
         valid_a = Signal()
         fire_a = Signal()
+        slot_base = Array(Const(r * row_words, range(depth + 1)) for r in range(R))   # no multiplier
         m.d.comb += [
             advance.eq(~self.o.valid | self.o.ready),
             valid_a.eq(avail >= need),
             fire_a.eq(advance & valid_a),
-            rd.addr.eq(Mux(pad, 0, slot * row_words + x[:x.shape().width - 1] * CB + cb)),
+            rd.addr.eq(Mux(pad, 0, slot_base[slot] + mul_const(x[:x.shape().width - 1], CB) + cb)),
             rd.en.eq(advance),
         ]
 

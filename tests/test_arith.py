@@ -1,11 +1,12 @@
 """Exactness of the threshold conversion and the popcount tree (property-based)."""
 
+from amaranth.back import rtlil
 from amaranth.hdl import Module, Signal
 from amaranth.sim import Simulator
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hw.arith import popcount, to_ge_thresholds
+from hw.arith import mul_const, popcount, to_ge_thresholds
 
 
 @given(n=st.integers(1, 300), t=st.integers(-302, 302), up=st.booleans(),
@@ -35,3 +36,34 @@ def test_popcount_tree(bits):
     sim = Simulator(m)
     sim.add_testbench(bench)
     sim.run()
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=st.integers(0, 255), k=st.integers(0, 300))
+def test_mul_const_is_a_product_without_a_multiplier(x, k):
+    value = Signal(8)
+    prod = Signal(18)
+
+    async def bench(ctx):
+        ctx.set(value, x)
+        assert ctx.get(prod) == x * k
+
+    m = Module()
+    m.d.comb += prod.eq(mul_const(value, k))
+    assert "$mul" not in rtlil.convert(m, ports=[value, prod])
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_window_and_pool_addresses_use_no_multiplier():
+    """Row bases and column offsets with constants that are not powers of two (30 words per
+    row, 3 channel blocks) must not become $mul cells (Yosys would map them to DSPs)."""
+    from amaranth.hdl import unsigned
+
+    from hw.maxpool import MaxPool
+    from hw.sliding_window import SlidingWindow
+    window = SlidingWindow(unsigned(1), 10, 10, 6, 3, stride=1, padding=0, pad_value=0, simd=2)
+    pool = MaxPool(unsigned(1), 10, 10, 6, 2, lanes=2, binary=True)
+    for dut in (window, pool):
+        assert "$mul" not in rtlil.convert(dut)
