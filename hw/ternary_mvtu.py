@@ -18,8 +18,9 @@ Compressed weights: element-level gather, lane-banked inputs, independent lanes
   that lane — and walks it at one slot per cycle, accumulating the neuron's partial sum, which it pushes into a small FIFO
   at the neuron's last slot. The PE's reducer adds the ``SIMD`` partial sums of a
   neuron (an adder tree; TTQ: ``dot = pos_scale*P - neg_scale*N`` of the positive and
-  negative partial sums, once per neuron), applies the thresholds and pushes the result
-  into the PE's output FIFO; an output beat leaves when every PE has its result.
+  negative partial sums, once per neuron) into a register, and in the next cycle applies
+  the thresholds and pushes the result into the PE's output FIFO (so the sum and the
+  comparison are not one path); an output beat leaves when every PE has its result.
   Lanes and PEs run independently (FIFOs of ``2*NF + 2`` entries let one run up to two
   vectors ahead), so each output's cycles follow its own non-zero count and a lane's
   load averages over all its neurons.
@@ -440,7 +441,10 @@ class TernaryMVTU(wiring.Component):
             primed = Signal(name=f"primed_r{p}")
             m.d.sync += primed.eq(1)
             fire_s = Signal(name=f"fire{p}")
-            m.d.comb += fire_s.eq(primed & oq.w_rdy & Cat(*[q.r_rdy for q in lane_fifos]).all())
+            valid_q = Signal(name=f"valid_q{p}")     # a reduced neuron in the register stage
+            # room for this neuron after the one in the register stage is written
+            m.d.comb += fire_s.eq(primed & (oq.level + valid_q < self.fifo_depth)
+                                  & Cat(*[q.r_rdy for q in lane_fifos]).all())
             f_next = Mux(fire_s, Mux(f_r == nf - 1, 0, f_r + 1), f_r)
             m.d.sync += f_r.eq(f_next)
             params = {}
@@ -461,8 +465,21 @@ class TernaryMVTU(wiring.Component):
                 m.d.comb += dot.eq(params["pos"][0] * sum_tree(heads[0]) - params["neg"][0] * sum_tree(heads[1]))
             else:
                 m.d.comb += dot.eq(sum_tree(heads[0]))
-            result = ge_threshold_count(dot, params["thr"], params["inv"][0]) if self.n_thresholds else dot
-            m.d.comb += [oq.w_en.eq(fire_s), oq.w_data.eq(result)]
+            # register stage: the sum (and TTQ scaling) in one cycle, the comparison in the next
+            dot_q = Signal.like(dot, name=f"dot_q{p}")
+            m.d.sync += valid_q.eq(fire_s)
+            with m.If(fire_s):
+                m.d.sync += dot_q.eq(dot)
+            if self.n_thresholds:
+                thr_q = [Signal.like(t, name=f"thr_q{p}_{k}") for k, t in enumerate(params["thr"])]
+                inv_q = Signal(name=f"inv_q{p}")
+                with m.If(fire_s):
+                    m.d.sync += [a.eq(b) for a, b in zip(thr_q, params["thr"])]
+                    m.d.sync += inv_q.eq(params["inv"][0])
+                result = ge_threshold_count(dot_q, thr_q, inv_q)
+            else:
+                result = dot_q
+            m.d.comb += [oq.w_en.eq(valid_q), oq.w_data.eq(result)]
             m.d.comb += [q.r_en.eq(fire_s) for q in lane_fifos]
 
         # ---- input halves: released when every lane has issued its last read of them
