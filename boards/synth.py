@@ -41,6 +41,11 @@ _CELLS = {
 }
 
 
+# nextpnr's router per family: router1 did not converge on the CNV on an ECP5-85F in 25 min;
+# router2 looped for 36,000 iterations over 2 overused wires on bnn_mnist on the UP5K
+ROUTER = {"ecp5": "router2", "ice40": "router1"}
+
+
 def tool(name):
     """Path of a YoWASP tool: the venv's scripts directory first, then PATH."""
     local = Path(sys.executable).parent / name
@@ -229,7 +234,7 @@ def synthesize(qmd, folding, target, out, seed=1):
 
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
            "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail",
-           "--router", "router2"]
+           "--router", ROUTER[dev.family]]
     if target.out_of_context:
         cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
