@@ -239,8 +239,10 @@ def estimate_stage(s, family="ecp5", calibration=None):
         n, bits = bram_blocks(1, t["weight_bits"], family)
         return {**t, "bram_blocks": n, "spram_blocks": 0, "bram_bits": n * bits, "calibrated": False}
     if cal:
+        # a term the calibration has not seen (added to the model since) keeps its default coefficient
         lt, ft = logic_terms(s)
-        luts, ffs = _apply(cal["luts"], lt), _apply(cal["ffs"], ft)
+        dl, df = DEFAULT_COEFFICIENTS[default_coefficients_key(s.engine)]
+        luts, ffs = _apply(dl | cal["luts"], lt), _apply(df | cal["ffs"], ft)
     else:
         luts, ffs = logic_features(s)
     weight_bits = buffer_bits = blocks = spram = bram_bits = 0
