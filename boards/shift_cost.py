@@ -33,7 +33,7 @@ from amaranth.hdl import Shape, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, sum_tree, to_ge_thresholds
+from hw.arith import bits_for, dot_range, dot_thresholds, sum_tree
 from hw.mvtu import MVTU, _check_fold, pipelined_sum_stages
 
 COST_VERSION = 2        # bump when the engines or the measurement change: invalidates the cache
@@ -76,20 +76,10 @@ class MulMVTU(MVTU):
         lo, hi = in_range
         bound = self.n * max(abs(lo), abs(hi)) * (1 << (weight_bits - 1))
         self.acc_shape = signed(bits_for(bound) + 1)
-        dlo = int(np.minimum(w * lo, w * hi).sum(axis=1).min())
-        dhi = int(np.maximum(w * lo, w * hi).sum(axis=1).max())
-        if thresholds is not None:
-            thr = np.asarray(thresholds, dtype=np.int64)
-            ge, invert = to_ge_thresholds(thr, direction)
-            self.n_thresholds = thr.shape[1]
-            self.ge = np.clip(np.asarray(ge, dtype=np.int64), dlo, dhi + 1)
-            self.invert = [bool(v) for v in invert]
-            self.thr_shape = Shape.cast(range(dlo, dhi + 2))
-            out_elem = unsigned(bits_for(self.n_thresholds))
-        else:
-            self.n_thresholds = 0
-            out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
-        self.out_elem = out_elem
+        self.dot_range = dot_range(w, lo, hi)
+        self.n_thresholds, self.ge, self.invert, self.thr_shape, self.out_elem = \
+            dot_thresholds(thresholds, direction, self.m, self.dot_range)
+        out_elem = self.out_elem
         self.pipelined = bool(pipelined)
         self.partial_stages = pipelined_sum_stages(simd) if self.pipelined else 0
         wiring.Component.__init__(self, {

@@ -1,6 +1,7 @@
 """Small combinational building blocks shared by the engines."""
 
-from amaranth.hdl import Cat, Const, Shape
+import numpy as np
+from amaranth.hdl import Cat, Const, Shape, signed, unsigned
 
 
 def bits_for(value):
@@ -73,6 +74,35 @@ def to_ge_thresholds(thresholds, direction, scale=1, offset=0):
             ge.append([(int(t) - offset) // scale + 1 for t in row])
             inv.append(True)
     return ge, inv
+
+
+def dot_range(weights, lo, hi):
+    """The exact ``(min, max)`` over rows of ``sum_n W[m,n] * x[n]`` for integer weights ``W``
+    and every input ``x[n]`` in ``[lo, hi]``."""
+    w = np.asarray(weights, dtype=np.int64)
+    return (int(np.minimum(w * lo, w * hi).sum(axis=1).min()),
+            int(np.maximum(w * lo, w * hi).sum(axis=1).max()))
+
+
+def dot_thresholds(thresholds, direction, m, dots):
+    """The comparison side of an engine whose dot products lie in ``dots = (lo, hi)``.
+
+    ``thresholds`` ``[M, T]`` and ``direction`` ``[M]`` of +1/-1 (QMD ``threshold``
+    semantics), or ``None`` for an engine that emits the dot products. Returns
+    ``(n_thresholds, ge, invert, thr_shape, out_elem)``: the ``>=`` thresholds clamped to
+    ``[lo, hi + 1]`` (beyond it a threshold is always or never met), the invert flags, the
+    shape that holds them, and the output element (a count, or the signed dot product)."""
+    dlo, dhi = dots
+    if thresholds is None:
+        return 0, None, None, None, signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
+    thr = np.asarray(thresholds, dtype=np.int64)
+    if thr.ndim != 2 or thr.shape[0] != m or thr.shape[1] < 1:
+        raise ValueError(f"thresholds must have shape [{m}, T], got {list(thr.shape)}")
+    if direction is None or len(direction) != m or not np.isin(direction, (-1, 1)).all():
+        raise ValueError(f"thresholds need {m} comparison directions of +1/-1")
+    ge, invert = to_ge_thresholds(thr, direction)
+    return (thr.shape[1], np.clip(np.asarray(ge, dtype=np.int64), dlo, dhi + 1), [bool(v) for v in invert],
+            Shape.cast(range(dlo, dhi + 2)), unsigned(bits_for(thr.shape[1])))
 
 
 def threshold_shape(ge_rows, lo, hi):

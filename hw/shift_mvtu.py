@@ -46,7 +46,7 @@ from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, popcount, sum_tree, to_ge_thresholds
+from hw.arith import bits_for, dot_range, dot_thresholds, popcount, sum_tree
 from hw.mvtu import MVTU, WEIGHT_STORAGE, _check_fold, pipelined_sum_stages
 from models.qmd import POW2_CODE_BITS, POW2_EXPONENT_MAX, POW2_TERMS, pow2_codebook_max, pow2_decode
 
@@ -124,26 +124,10 @@ class ShiftMVTU(MVTU):
         bound = self.n * xmax * self.weight_max
         self.acc_shape = signed(bits_for(bound) + 1)
         wq = self.weights
-        dlo = int(np.minimum(wq * lo, wq * hi).sum(axis=1).min())
-        dhi = int(np.maximum(wq * lo, wq * hi).sum(axis=1).max())
-        self.dot_range = (dlo, dhi)
-        if thresholds is not None:
-            thr = np.asarray(thresholds, dtype=np.int64)
-            if thr.ndim != 2 or thr.shape[0] != self.m or thr.shape[1] < 1:
-                raise ValueError(f"thresholds must have shape [{self.m}, T], got {list(thr.shape)}")
-            if direction is None or len(direction) != self.m or not np.isin(direction, (-1, 1)).all():
-                raise ValueError(f"thresholds need {self.m} comparison directions of +1/-1")
-            ge, invert = to_ge_thresholds(thr, direction)
-            self.n_thresholds = thr.shape[1]
-            # thresholds beyond the dot product's range are always/never met: clamp so they fit
-            self.ge = np.clip(np.asarray(ge, dtype=np.int64), dlo, dhi + 1)
-            self.invert = [bool(v) for v in invert]
-            self.thr_shape = Shape.cast(range(dlo, dhi + 2))
-            out_elem = unsigned(bits_for(self.n_thresholds))
-        else:
-            self.n_thresholds = 0
-            out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
-        self.out_elem = out_elem
+        self.dot_range = dot_range(wq, lo, hi)
+        self.n_thresholds, self.ge, self.invert, self.thr_shape, self.out_elem = \
+            dot_thresholds(thresholds, direction, self.m, self.dot_range)
+        out_elem = self.out_elem
         self.pipelined = bool(pipelined)
         # a register after the term select and after each level of the adder tree
         self.partial_stages = pipelined_sum_stages(self._n_terms()) if self.pipelined else 0

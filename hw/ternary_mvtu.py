@@ -57,7 +57,7 @@ from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, ge_threshold_count, sum_tree, to_ge_thresholds
+from hw.arith import bits_for, dot_range, dot_thresholds, ge_threshold_count, sum_tree
 
 
 def _check_fold(name, total, par, what):
@@ -256,26 +256,10 @@ class TernaryMVTU(wiring.Component):
             wq = self.weights
         # a lane's partial sums add at most SF values; the dot product's exact range
         self.part_shape = signed(bits_for(self.sf * xmax) + 1)
-        dlo = int(np.minimum(wq * lo, wq * hi).sum(axis=1).min())
-        dhi = int(np.maximum(wq * lo, wq * hi).sum(axis=1).max())
-        self.dot_range = (dlo, dhi)
-        if thresholds is not None:
-            thr = np.asarray(thresholds, dtype=np.int64)
-            if thr.ndim != 2 or thr.shape[0] != self.m or thr.shape[1] < 1:
-                raise ValueError(f"thresholds must have shape [{self.m}, T], got {list(thr.shape)}")
-            if direction is None or len(direction) != self.m or not np.isin(direction, (-1, 1)).all():
-                raise ValueError(f"thresholds need {self.m} comparison directions of +1/-1")
-            ge, invert = to_ge_thresholds(thr, direction)
-            self.n_thresholds = thr.shape[1]
-            # thresholds beyond the dot product's range are always/never met: clamp so they fit
-            self.ge = np.clip(np.asarray(ge, dtype=np.int64), dlo, dhi + 1)
-            self.invert = [bool(v) for v in invert]
-            self.thr_shape = Shape.cast(range(dlo, dhi + 2))
-            out_elem = unsigned(bits_for(self.n_thresholds))
-        else:
-            self.n_thresholds = 0
-            out_elem = signed(bits_for(max(abs(dlo), abs(dhi))) + 1)
-        self.out_elem = out_elem
+        self.dot_range = dot_range(wq, lo, hi)
+        self.n_thresholds, self.ge, self.invert, self.thr_shape, self.out_elem = \
+            dot_thresholds(thresholds, direction, self.m, self.dot_range)
+        out_elem = self.out_elem
         self.fifo_depth = 2 * self.nf + 2     # a lane or PE up to two vectors ahead never waits
         super().__init__({
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
