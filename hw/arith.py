@@ -76,6 +76,20 @@ def to_ge_thresholds(thresholds, direction, scale=1, offset=0):
     return ge, inv
 
 
+def code_range(shape, in_code, in_range=None):
+    """The ``(lo, hi)`` of input values whose codes have Amaranth ``shape`` and stand for
+    ``scale*r + offset`` (``in_code = (scale, offset)``, ``scale >= 1``): ``in_range`` when
+    given (validated), else every code's value."""
+    if in_range is None:
+        w = Shape.cast(shape).width
+        lo_r, hi_r = (-(1 << (w - 1)), (1 << (w - 1)) - 1) if Shape.cast(shape).signed else (0, (1 << w) - 1)
+        in_range = (in_code[0] * lo_r + in_code[1], in_code[0] * hi_r + in_code[1])
+    lo, hi = (int(v) for v in in_range)
+    if lo > hi:
+        raise ValueError(f"in_range must be (lo, hi) with lo <= hi, got {in_range!r}")
+    return lo, hi
+
+
 def dot_range(weights, lo, hi):
     """The exact ``(min, max)`` over rows of ``sum_n W[m,n] * x[n]`` for integer weights ``W``
     and every input ``x[n]`` in ``[lo, hi]``."""

@@ -143,12 +143,13 @@ def plan_network(qmd, folding):
                 out_shape = signed(bits_for(max(abs(out_act.lo), abs(out_act.hi))) + 1)
             dense_cycles = windows * (m // pe) * (n // simd)
             storage = f.get("weights", "rom")
+            if storage != "rom" and (ternary_w or pow2_w):
+                where = str(qmd.path / "folding.json") if qmd.path else "folding"
+                engine = "zero-skip ternary" if ternary_w else "shift-add"
+                raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
+                                  f"supported for binary weights only; the {engine} engine keeps its "
+                                  "weights in ROM", where=where)
             if ternary_w:
-                if storage != "rom":
-                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
-                    raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
-                                      "supported for binary weights only; the zero-skip ternary engine keeps its "
-                                      "weights in ROM", where=where)
                 sched = ternary_schedule(layer.weights, pe, simd)
                 stages.append(Stage(layer.name, "ternary_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
                                     cycles_per_frame=windows * sched.cycles_per_vector, pe=pe, simd=simd,
@@ -157,11 +158,6 @@ def plan_network(qmd, folding):
                                             "busiest_lane_slots": int(sched.lane_steps.max())},
                                     weights="rom"))
             elif pow2_w:
-                if storage != "rom":
-                    where = str(qmd.path / "folding.json") if qmd.path else "folding"
-                    raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
-                                      "supported for binary weights only; the shift-add engine keeps its "
-                                      "weights in ROM", where=where)
                 a = layer.attrs
                 stages.append(Stage(layer.name, "shift_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
                                     cycles_per_frame=dense_cycles, pe=pe, simd=simd,

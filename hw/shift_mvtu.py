@@ -46,7 +46,7 @@ from amaranth.hdl import Cat, Const, Mux, Shape, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, dot_range, dot_thresholds, popcount, sum_tree
+from hw.arith import bits_for, code_range, dot_range, dot_thresholds, popcount, sum_tree
 from hw.mvtu import MVTU, WEIGHT_STORAGE, _check_fold, pipelined_sum_stages
 from models.qmd import POW2_CODE_BITS, POW2_EXPONENT_MAX, POW2_TERMS, pow2_codebook_max, pow2_decode
 
@@ -110,14 +110,7 @@ class ShiftMVTU(MVTU):
                              f"got {in_code!r}")
         self.in_code = in_code
         self.in_offset = in_code[1]
-        if in_range is None:
-            w = self.in_shape.width
-            lo_r, hi_r = (-(1 << (w - 1)), (1 << (w - 1)) - 1) if self.in_shape.signed else (0, (1 << w) - 1)
-            in_range = (in_code[0] * lo_r + in_code[1], in_code[0] * hi_r + in_code[1])
-        lo, hi = (int(v) for v in in_range)
-        if lo > hi:
-            raise ValueError(f"in_range must be (lo, hi) with lo <= hi, got {in_range!r}")
-        self.in_range = (lo, hi)
+        lo, hi = self.in_range = code_range(self.in_shape, in_code, in_range)
         xmax = max(abs(lo), abs(hi))
         # the codebooks' worst case: every weight at its largest magnitude
         self.weight_max = pow2_codebook_max(self.terms, code_bits, exponent_offset)

@@ -57,7 +57,7 @@ from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import bits_for, dot_range, dot_thresholds, ge_threshold_count, sum_tree
+from hw.arith import bits_for, code_range, dot_range, dot_thresholds, ge_threshold_count, sum_tree
 
 
 def _check_fold(name, total, par, what):
@@ -231,14 +231,7 @@ class TernaryMVTU(wiring.Component):
                 or in_code[0] < 1):
             raise ValueError(f"in_code must be a pair (scale >= 1, offset) of integers, got {in_code!r}")
         self.in_code = in_code
-        if in_range is None:
-            lo_r = -(1 << (self.in_shape.width - 1)) if self.in_shape.signed else 0
-            hi_r = (1 << (self.in_shape.width - 1)) - 1 if self.in_shape.signed else (1 << self.in_shape.width) - 1
-            in_range = (in_code[0] * lo_r + in_code[1], in_code[0] * hi_r + in_code[1])
-        lo, hi = (int(v) for v in in_range)
-        if lo > hi:
-            raise ValueError(f"in_range must be (lo, hi) with lo <= hi, got {in_range!r}")
-        self.in_range = (lo, hi)
+        lo, hi = self.in_range = code_range(self.in_shape, in_code, in_range)
         xmax = max(abs(lo), abs(hi))
         if (pos_scale is None) != (neg_scale is None):
             raise ValueError("pos_scale and neg_scale must be given together")

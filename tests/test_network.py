@@ -215,3 +215,12 @@ def test_run_time_weights_on_a_ternary_layer_are_refused(tmp_path):
         plan_network(qmd, folding)
     folding["fc0"]["weights"] = "rom"
     assert [s.weights for s in plan_network(qmd, folding) if s.engine == "ternary_mvtu"] == ["rom", "rom"]
+
+
+def test_run_time_weights_on_a_pow2_layer_are_refused(tmp_path):
+    from models.synthetic import random_pow2_mlp
+    qmd = random_pow2_mlp(tmp_path, [16, 8, 4], seed=1)
+    folding = {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 2}}
+    with pytest.raises(QnnfabError, match=r"layer 'fc0' field 'weights': .* binary weights only; "
+                                          r"the shift-add engine keeps its weights in ROM"):
+        plan_network(qmd, folding)
