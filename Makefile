@@ -8,6 +8,7 @@ IMAGES ?= 100
 STALL  ?= 0
 EPOCHS ?=
 DEVICE ?= cpu
+COMPILE ?=
 BOARD  ?= ulx3s-85f
 TARGET_FPS ?=
 CLOCK_MHZ ?= 100
@@ -31,7 +32,7 @@ help:
 	@echo "make fold MODEL=m TARGET_FPS=f [CLOCK_MHZ=100] | DEVICE_BUDGET=85f   automatic PE/SIMD folding"
 	@echo "make calibrate                          refit the resource model against Yosys (hw/calibration.json)"
 	@echo "make bench                              synthesize every shipped model for its boards: build/bench/"
-	@echo "make train MODEL=m [EPOCHS=n] [DEVICE=cuda]  quantization-aware training (resumable)"
+	@echo "make train MODEL=m [EPOCHS=n] [DEVICE=cuda] [COMPILE=1]  quantization-aware training (resumable)"
 	@echo "make export MODEL=m                     export the trained model to models/zoo/m"
 	@echo "make test                               the test suite"
 
@@ -73,7 +74,7 @@ bench: $(STAMP)
 	$(PY) -m boards.bench
 
 train: $(STAMP)
-	$(PY) -m qnnfab train --model $(MODEL) --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(PY) -m qnnfab train --model $(MODEL) --device $(DEVICE) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(COMPILE),--compile)
 
 export: $(STAMP)
 	$(PY) -m qnnfab export --model $(MODEL)

@@ -167,7 +167,7 @@ def _device(name):
 
 
 def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True,
-          device="cpu", init_dir=None):
+          device="cpu", init_dir=None, compile_model=False):
     """Train ``model_name`` (a key of :data:`models.nets.MODELS`) and return a summary dict.
 
     ``epochs`` overrides the recipe's epoch count (it sets the cosine schedule's length).
@@ -178,6 +178,11 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     augmentation and checkpoints stay on the CPU, so a run may resume on another device
     (bit-identical resumption is promised on the same device only).
     ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read.
+    ``compile_model`` runs the training steps through ``torch.compile`` (inductor fuses the
+    straight-through estimators and batch norms: 1.13x faster per CNV step on this 2-core CPU,
+    after ~75 s of compilation per process, so only worth it for long runs); the weights,
+    checkpoints and evaluation are those of the plain module, so a run may switch between
+    compiled and eager at any resume (with float rounding differences, not bit-identical).
     """
     dev = _device(device)
     torch.set_num_threads(THREADS)
@@ -200,6 +205,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         print(f"{model_name}: initialised {n} tensors from {src}", flush=True)
     model = model.to(dev)
     clip_latent_weights(model)
+    step_model = torch.compile(model) if compile_model else model
     opt = _make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
     start, best, history, elapsed = 0, 0.0, [], 0.0
@@ -244,7 +250,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
             x, y = augment(xtr[idx], cfg).to(dev), ytr[idx].to(dev)
-            logits = model(x)
+            logits = step_model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,12 +296,15 @@ def main(argv=None):
     p.add_argument("--run-dir", default=None, help="checkpoint directory (default: runs/<model>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training steps "
+                                                          "(faster for long runs; ~75 s to compile)")
     p.add_argument("--init-dir", default=None, help="run directory of the recipe's init_from model "
                                                      "(default: runs/<init_from>)")
     args = p.parse_args(argv)
     try:
         s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
-                  run_dir=args.run_dir, progress=not args.no_progress, device=args.device, init_dir=args.init_dir)
+                  run_dir=args.run_dir, progress=not args.no_progress, device=args.device, init_dir=args.init_dir,
+                  compile_model=args.compile)
     except QnnfabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
