@@ -208,8 +208,17 @@ def test_tnn_cifar_registry_entry():
     assert isinstance(model.act, TernaryActivation)
     assert [c.out_channels for c in model.convs] == [64, 64, 128, 128, 256, 256]
     assert model(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape == (2, 10)
+    assert cfg["init_from"] == "float_cifar"
+    # the float baseline's every tensor has a place in the ternary CNV (init_from copies them all)
+    fm = build_model(model_config("float_cifar"))
+    own = model.state_dict()
+    assert all(k in own and own[k].shape == v.shape for k, v in fm.state_dict().items())
     for name in ("tnn_cifar_d10", "tnn_cifar_d14"):
-        assert model_config(name)["net_args"]["delta_factor"] > cfg["net_args"]["delta_factor"]
+        sweep = model_config(name)
+        assert sweep["net_args"]["delta_factor"] > cfg["net_args"]["delta_factor"]
+        # the sweep differs from tnn_cifar only in the TWN threshold
+        assert {k: v for k, v in sweep.items() if k not in ("net_args", "description", "name")} == \
+            {k: v for k, v in cfg.items() if k not in ("net_args", "description", "name")}
 
 
 def test_small_tnn_train_and_export(tmp_path, monkeypatch, cifar_test):
