@@ -179,8 +179,9 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     (bit-identical resumption is promised on the same device only).
     ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read.
     ``compile_model`` runs the training steps through ``torch.compile`` (inductor fuses the
-    straight-through estimators and batch norms: 1.13x faster per CNV step on this 2-core CPU,
-    after ~75 s of compilation per process, so only worth it for long runs); the weights,
+    straight-through estimators and batch norms: 1.13x faster per CNV step with one CPU thread,
+    but only ~1% per bnn_cifar epoch with two (284 s against 288 s), after ~60-75 s of compilation
+    per process, so only worth it for long single-thread runs); the weights,
     checkpoints and evaluation are those of the plain module, so a run may switch between
     compiled and eager at any resume (with float rounding differences, not bit-identical).
     """
