@@ -202,6 +202,9 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     fresh = not (resume and ckpt_path.is_file())
     if cfg.get("init_from") and fresh:
         src = Path(init_dir or default_run_dir(cfg["init_from"])) / CKPT
+        if not src.is_file():
+            raise QnnfabError(f"{model_name} starts from {cfg['init_from']}'s trained checkpoint (init_from), "
+                              f"which is not there: make train MODEL={cfg['init_from']} first", where=str(src))
         n = init_from_checkpoint(model, src)
         print(f"{model_name}: initialised {n} tensors from {src}", flush=True)
     model = model.to(dev)

@@ -215,6 +215,14 @@ def test_finetune_from_float_checkpoint_export_and_eval(tmp_path, monkeypatch, c
     assert rep["integer_minus_float_baseline_points"] == round(100 * (rep["integer_accuracy"] - want), 2)
 
 
+def test_finetune_without_the_init_checkpoint_names_the_model_to_train_first(tmp_path, monkeypatch):
+    monkeypatch.setattr("models.train.default_run_dir", lambda name: tmp_path / name)
+    with pytest.raises(QnnfabError, match="shift_cifar starts from float_cifar's trained checkpoint .*"
+                                          "make train MODEL=float_cifar first"):
+        train("shift_cifar", run_dir=tmp_path / "shift_cifar", progress=False)
+    assert not (tmp_path / "shift_cifar" / "ckpt.pt").exists()
+
+
 def test_exported_shift_cnv_runs_bit_exact_in_the_generated_rtl(tmp_path, cifar_test):
     """Float ShiftCNN CNV (1/8 of shift_cifar's width) -> export -> QMD -> generated Verilog (C++
     Verilator harness) on 24 real CIFAR-10 test images: classes and logits equal the integer
