@@ -2,8 +2,9 @@
 
 ``python -m boards.calibrate [--families ecp5 ice40]`` synthesizes every engine of a fixed
 corpus of designs on its own (the shipped bnn_mnist under three foldings, two random
-CNV-like binary CNNs with 8-bit first layers, max-pools and dense heads, and a random
-ShiftCNN CNN with N=2, B=4 power-of-two weights and 4-bit activations), fits per engine
+CNV-like binary CNNs with 8-bit first layers, max-pools and dense heads, a random
+ShiftCNN CNN with N=2, B=4 power-of-two weights and 4-bit activations, and two random
+zero-skip ternary CNNs, TTQ with ternary activations and TWN with 2-bit ones), fits per engine
 and family non-negative coefficients of the model's terms for LUTs and flip-flops
 (:func:`hw.resource_model.logic_terms`; one scale factor on the default coefficients where
 an engine has too few points), and writes
@@ -29,7 +30,7 @@ def corpus(tmp):
     """``[(design name, qmd, folding)]`` the calibration synthesizes."""
     from hw.folding import load_folding
     from models.qmd import load_qmd
-    from models.synthetic import random_binary_cnn, random_pow2_cnn
+    from models.synthetic import random_binary_cnn, random_pow2_cnn, random_ternary_cnn
     mnist = load_qmd(ZOO_DIR / "bnn_mnist")
     designs = [("bnn_mnist", mnist, load_folding(ZOO_DIR / "bnn_mnist" / "folding.json", mnist)),
                ("bnn_mnist_narrow", mnist, {"fc0": {"pe": 4, "simd": 16}, "fc1": {"pe": 2, "simd": 32},
@@ -50,6 +51,18 @@ def corpus(tmp):
                             convs=((16, 3, 1, 0, True), (32, 3, 1, 0, False), (32, 3, 1, 0, False)), act="uint4")
     designs.append(("shift_a", shift, {"conv0": {"pe": 4, "simd": 3}, "conv1": {"pe": 8, "simd": 8},
                                        "conv2": {"pe": 4, "simd": 16}, "fc": {"pe": 2, "simd": 16}}))
+    # zero-skip ternary engines: TTQ weights with ternary activations, and TWN weights with 2-bit ones,
+    # at two densities (the schedule memories and the pointer widths follow the weight pattern)
+    tern_a = random_ternary_cnn(Path(tmp) / "tern_a", input_shape=(12, 12, 3), seed=4, classes=10, name="tern_a",
+                                convs=((16, 3, 1, 0, False), (32, 3, 1, 0, True), (32, 3, 1, 0, False)),
+                                density=0.5, act="ternary", ttq=True)
+    designs.append(("tern_a", tern_a, {"conv0": {"pe": 4, "simd": 3}, "conv1": {"pe": 4, "simd": 8},
+                                       "conv2": {"pe": 8, "simd": 8}, "fc": {"pe": 2, "simd": 16}}))
+    tern_b = random_ternary_cnn(Path(tmp) / "tern_b", input_shape=(12, 12, 3), seed=5, classes=10, name="tern_b",
+                                convs=((16, 3, 1, 0, False), (32, 3, 1, 0, True), (64, 3, 1, 0, False)),
+                                density=0.3, act="uint2")
+    designs.append(("tern_b", tern_b, {"conv0": {"pe": 8, "simd": 3}, "conv1": {"pe": 2, "simd": 16},
+                                       "conv2": {"pe": 4, "simd": 32}, "fc": {"pe": 5, "simd": 16}}))
     return designs
 
 

@@ -154,7 +154,8 @@ def plan_network(qmd, folding):
                 stages.append(Stage(layer.name, "ternary_mvtu", fused, simd, pe, windows * m, out_shape, out_act,
                                     cycles_per_frame=windows * sched.cycles_per_vector, pe=pe, simd=simd,
                                     params={"weight_density": sched.density, "cycles_per_frame_dense": dense_cycles,
-                                            "schedule_bits": sched.schedule_bits,
+                                            "schedule_bits": sched.schedule_bits, "slot_bits": sched.slot_bits,
+                                            "lane_slots": sched.lane_steps.tolist(),
                                             "busiest_lane_slots": int(sched.lane_steps.max())},
                                     weights="rom"))
             elif pow2_w:

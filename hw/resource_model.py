@@ -34,32 +34,24 @@ BRAM_CONFIGS = {
 SPRAM_CONFIG = (262144, [(16, 16384)])
 
 
-def _ternary_model(s):
-    """Zero-skip engine: compressed schedule memory, per-PE input bank copies, partial-sum and
-    output FIFOs; per lane an accumulator (+ select/negate), per PE an adder tree and comparators."""
+def _ternary_params(s):
+    """``(nf, sf, in_bits, parts, part, dot, n_thr, scale_bits, param_width)`` of a zero-skip stage
+    (:class:`hw.ternary_mvtu.TernaryMVTU`): a lane's partial-sum width (``part``, ``parts`` = 2
+    with TTQ's separate positive and negative sums), the dot product's width from the (scaled)
+    weights and the input range, and the width of a PE's per-neuron parameter word."""
     from hw.network import code_shape
     layer = s.layers[0]
     m, n = layer.weights.shape
     nf, sf = m // s.pe, n // s.simd
     act = layer.in_act
-    in_bits = code_shape(act).width
     xmax = max(abs(act.lo), abs(act.hi))
     ttq = "pos_scale" in layer.arrays
-    parts = 2 if ttq else 1
-    part = bits_for(sf * xmax) + 1
-    wq = layer.int_weights
-    dot = bits_for(int(np.abs(wq).sum(axis=1).max()) * xmax) + 1
+    dot = bits_for(int(np.abs(layer.int_weights).sum(axis=1).max()) * xmax) + 1
     n_thr = len(s.layers[1].arrays["thresholds"][0]) if len(s.layers) > 1 else 0
     scale_bits = bits_for(int(max(layer.arrays["pos_scale"].max(), layer.arrays["neg_scale"].max()))) if ttq else 0
-    param_bits = m * (n_thr * (dot + 1) + (1 if n_thr else 0) + 2 * scale_bits)
-    lanes = s.pe * s.simd
-    fifo_bits = (2 * nf + 2) * (lanes * parts * part + s.pe * s.out_shape.width)
-    ptr = bits_for(max(1, s.params["busiest_lane_slots"]))
-    luts = lanes * (parts * part + in_bits + 2 * ptr + 4) + s.pe * (s.simd * parts * (part + 2) + n_thr * dot
-                                                                    + 2 * scale_bits * part)
-    ffs = lanes * (parts * part + ptr + bits_for(nf) + 8) + s.pe * (2 * bits_for(2 * nf + 2) + bits_for(nf)) + 16
-    return {"weight_bits": s.params["schedule_bits"], "weight_bits_dense": 2 * m * n,
-            "buffer_bits": s.pe * 2 * n * in_bits + param_bits + fifo_bits, "luts": luts, "ffs": ffs}
+    param_width = (n_thr * (dot + 1) + 1 if n_thr else 0) + 2 * scale_bits
+    return (nf, sf, code_shape(act).width, 2 if ttq else 1, bits_for(sf * xmax) + 1, dot, n_thr, scale_bits,
+            param_width)
 
 
 def _shift_params(s):
@@ -106,6 +98,18 @@ def logic_terms(s):
                  "compare": s.pe * acc * n_thr, "counters": folds, "one": 1},
                 {"term_bits": s.pe * s.simd * sum(w for w in widths), "pe_acc": s.pe * acc,
                  "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits, "counters": folds, "one": 1})
+    if s.engine == "ternary_mvtu":
+        nf, sf, in_bits, parts, part, dot, n_thr, scale_bits, _ = _ternary_params(s)
+        lanes = s.pe * s.simd
+        ptr = bits_for(max(1, s.params["busiest_lane_slots"]))
+        # per lane: the schedule pointer and bank-address adder, the select/negate and the
+        # partial-sum accumulator(s); per PE: the adder tree over its lanes, the registered dot
+        # product, TTQ's scale products, the comparators and the FIFO levels
+        return ({"lanes": lanes * (parts * part + in_bits + 2 * ptr + 4), "reduce": lanes * parts * (part + 2),
+                 "compare": s.pe * n_thr * dot, "scale": s.pe * 2 * scale_bits * part,
+                 "one": 1},
+                {"lanes": lanes * (parts * part + ptr + bits_for(nf) + 8),
+                 "pe": s.pe * (2 * bits_for(2 * nf + 2) + bits_for(nf) + dot), "one": 1})
     if s.engine.endswith("_mvtu"):
         m, n, in_bits, acc, n_thr = _mvtu_params(s)
         folds = bits_for(m * n // (s.pe * s.simd))
@@ -144,6 +148,8 @@ def logic_terms(s):
 DEFAULT_COEFFICIENTS = {
     "mvtu": ({"lanes": 2, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
              {"pe_acc": 1, "pe_out": 1, "input": 1, "pipeline": 1, "counters": 3, "one": 0}),
+    "ternary_mvtu": ({"lanes": 1, "reduce": 1, "compare": 1, "scale": 1, "one": 0},
+                     {"lanes": 1, "pe": 1, "one": 16}),
     "shift_mvtu": ({"term_bits": 1, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
                    {"term_bits": 3, "pe_acc": 1, "pe_out": 1, "input": 1, "counters": 3, "one": 0}),
     "other": ({"model": 1, "one": 0}, {"model": 1, "one": 0}),
@@ -171,6 +177,19 @@ def logic_features(s):
 def memories(s):
     """``[(name, width, depth, kind)]`` of the memories in stage ``s``; kind is ``rom``
     (initialised weights/thresholds), ``ram`` (run-time loaded weights) or ``buffer``."""
+    if s.engine == "ternary_mvtu":
+        nf, sf, in_bits, parts, part, _, _, _, param_width = _ternary_params(s)
+        lanes, fifo_depth = s.pe * s.simd, 2 * nf + 2
+        # every lane its own schedule memory (as deep as its slots), its own copy of its input
+        # bank (a read port of its own) and its partial-sum FIFO; per PE an output FIFO and the
+        # parameter memory
+        mems = [("weights", s.params["slot_bits"], int(d), "rom") for row in s.params["lane_slots"] for d in row if d]
+        mems += [("input", in_bits, 2 * sf, "buffer")] * lanes
+        mems += [("fifo", parts * part, fifo_depth, "buffer")] * lanes + [("fifo", s.out_shape.width, fifo_depth,
+                                                                          "buffer")] * s.pe
+        if param_width:
+            mems += [("thresholds", param_width, nf, "rom")] * s.pe
+        return mems
     if s.engine == "shift_mvtu":
         m, n, in_bits, acc, n_thr, _ = _shift_params(s)
         nf, sf = m // s.pe, n // s.simd
@@ -233,11 +252,6 @@ def estimate_stage(s, family="ecp5", calibration=None):
     ``buffer_bits``, ``bram_blocks``, ``bram_bits`` (capacity of those blocks), ``spram_blocks``
     and ``calibrated`` (whether fitted factors were applied)."""
     cal = (_calibration() if calibration is None else calibration).get(family, {}).get(s.engine)
-    if s.engine == "ternary_mvtu":
-        # not calibrated yet: the compressed schedule and buffers as one memory figure
-        t = _ternary_model(s)
-        n, bits = bram_blocks(1, t["weight_bits"], family)
-        return {**t, "bram_blocks": n, "spram_blocks": 0, "bram_bits": n * bits, "calibrated": False}
     if cal:
         # a term the calibration has not seen (added to the model since) keeps its default coefficient
         lt, ft = logic_terms(s)
@@ -257,6 +271,10 @@ def estimate_stage(s, family="ecp5", calibration=None):
         else:
             blocks += n
         bram_bits += n * bits
-    return {"luts": max(0, round(luts)), "ffs": max(0, round(ffs)), "weight_bits": weight_bits,
-            "buffer_bits": buffer_bits, "bram_blocks": blocks, "spram_blocks": spram, "bram_bits": bram_bits,
-            "calibrated": bool(cal)}
+    est = {"luts": max(0, round(luts)), "ffs": max(0, round(ffs)), "weight_bits": weight_bits,
+           "buffer_bits": buffer_bits, "bram_blocks": blocks, "spram_blocks": spram, "bram_bits": bram_bits,
+           "calibrated": bool(cal)}
+    if s.engine == "ternary_mvtu":
+        m, n = s.layers[0].weights.shape
+        est["weight_bits_dense"] = 2 * m * n        # what 2-bit dense weights would take
+    return est

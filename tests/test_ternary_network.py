@@ -98,6 +98,36 @@ def test_plan_and_report_carry_dense_and_zero_skip_cycles(tmp_path):
     assert "Zero-skip ternary engines" in md and "| fc0 |" in md
 
 
+def test_resource_model_counts_every_lane_memory_of_the_zero_skip_engine(tmp_path):
+    """The zero-skip engine's memories as the generator builds them: one schedule memory per
+    lane (as deep as its slots: together the schedule bits), one input-bank copy and one
+    partial-sum FIFO per lane, an output FIFO and a parameter memory per PE; the logic terms
+    go through the same (calibrated) coefficients as the other engines."""
+    from hw.resource_model import estimate_stage, logic_features, memories
+    from hw.ternary_mvtu import ternary_schedule
+    qmd = random_ternary_cnn(tmp_path / "q", input_shape=(8, 8, 3), convs=((8, 3, 1, 0, False), (16, 3, 1, 0, False)),
+                             act="ternary", ttq=True, density=0.4, seed=3)
+    stages = plan_network(qmd, {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 4, "simd": 4}, "fc": {"pe": 1, "simd": 8}})
+    s = next(st for st in stages if st.name == "conv1")
+    layer = qmd.layer("conv1")
+    sched = ternary_schedule(layer.weights, s.pe, s.simd)
+    mems = memories(s)
+    sched_mems = [d for name, w, d, _ in mems if name == "weights"]
+    assert sorted(sched_mems) == sorted(int(d) for d in sched.lane_steps.ravel() if d)
+    assert sum(w * d for name, w, d, _ in mems if name == "weights") == sched.schedule_bits
+    lanes, sf, nf = s.pe * s.simd, sched.sf, sched.nf
+    assert [(w, d) for name, w, d, _ in mems if name == "input"] == [(2, 2 * sf)] * lanes   # 2-bit ternary codes
+    assert sum(1 for name, *_ in mems if name == "fifo") == lanes + s.pe
+    assert all(d == 2 * nf + 2 for name, _, d, _ in mems if name == "fifo")
+    assert sum(1 for name, *_ in mems if name == "thresholds") == s.pe
+    est = estimate_stage(s, "ecp5", calibration={})
+    assert est["weight_bits"] == sched.schedule_bits and est["weight_bits_dense"] == 2 * layer.weights.size
+    assert (est["luts"], est["ffs"]) == logic_features(s) and not est["calibrated"]
+    fitted = {"ecp5": {"ternary_mvtu": {"luts": {"lanes": 2.0}, "ffs": {"lanes": 1.0}}}}
+    cal = estimate_stage(s, "ecp5", calibration=fitted)
+    assert cal["calibrated"] and cal["luts"] != est["luts"]
+
+
 def test_ternary_network_rtl_bit_exact_and_cycles_match(tmp_path):
     """Generated Verilog in Verilator: a random ternary CNN (8-bit pixels, ternary activations,
     TTQ scales), every inner stream compared at full rate; the zero-skip conv0 is the
