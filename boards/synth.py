@@ -127,12 +127,14 @@ def _cells_of(stat_json):
     return next(iter(mods.values()), {}).get("num_cells_by_type", {}) if mods else {}
 
 
-# Yosys 0.50's abc9 flow (the ECP5 default) is not safe on these netlists: it left
-# multiply-driven nets in the UART board top and asserted on the argmax stage. The classic
-# abc flow is used instead, and ``check -assert`` stops the flow on any conflicting driver.
+# Yosys 0.50's abc9 flow (the ECP5 and iCE40 default) is not safe on these netlists: on ECP5 it
+# left multiply-driven nets in the UART board top and asserted on the argmax stage; on iCE40 it
+# asserted (``count_id(wire->name) == 0`` in rtlil.cc) on a pipelined shift-add engine. The
+# classic abc flow is used for both families, and ``check -assert`` stops the flow on any
+# conflicting driver.
 # ``-spram`` lets synth_ice40 map memories to SB_SPRAM256KA; the run-time loaded weight RAMs are
 # instantiated as SB_SPRAM256KA already (hw/spram.py says why inference does not happen).
-_SYNTH_OPTS = {"ecp5": "-noabc9", "ice40": "-spram"}
+_SYNTH_OPTS = {"ecp5": "-noabc9", "ice40": "-noabc9 -spram"}
 
 
 def _yosys_script(family, top, source=None):
