@@ -35,7 +35,7 @@ from models.nets import CNV, SFC, build_model
 from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
 from models.reference import ReferenceModel
-from models.train import CKPT, THREADS, default_run_dir, load_checkpoint
+from models.train import THREADS, checkpoint_path, load_checkpoint
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import DATA_DIR, REPO_ROOT, ZOO_DIR
 
@@ -274,12 +274,12 @@ def qmd_layers(model, cfg):
 # --------------------------------------------------------------------------- float model
 
 def load_trained(model_name, run_dir=None):
-    """``(model in eval mode, checkpoint dict)`` from ``<run_dir>/ckpt.pt``."""
-    run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
-    ck = load_checkpoint(run_dir / CKPT)
+    """``(model in eval mode, checkpoint dict)`` from ``<run_dir>/ckpt.pt`` (default: the
+    run's checkpoint or its committed snapshot, :func:`models.train.checkpoint_path`)."""
+    path = checkpoint_path(model_name, run_dir)
+    ck = load_checkpoint(path)
     if ck["model_name"] != model_name:
-        raise QnnfabError(f"checkpoint is of model {ck['model_name']!r}, not {model_name!r}",
-                          where=str(run_dir / CKPT))
+        raise QnnfabError(f"checkpoint is of model {ck['model_name']!r}, not {model_name!r}", where=str(path))
     model = build_model(ck["config"])
     model.load_state_dict(ck["model"])
     model.eval()
@@ -331,16 +331,16 @@ def reference_predictions(qmd, images, batch=1000):
 
 def measure_float_baseline(name, images, labels, run_dir=None):
     """The float baseline ``name``'s test accuracy, measured now from its checkpoint
-    (``runs/<name>/ckpt.pt``); ``{"model", "accuracy", "epochs", "checkpoint"}``, accuracy
-    None (with a warning) when it has not been trained."""
-    path = Path(run_dir) if run_dir else default_run_dir(name)
-    if not (path / CKPT).is_file():
-        print(f"warning: float baseline '{name}' not trained ({path / CKPT} missing); "
+    (``runs/<name>/ckpt.pt`` or its committed snapshot); ``{"model", "accuracy", "epochs",
+    "checkpoint"}``, accuracy None (with a warning) when it has not been trained."""
+    path = checkpoint_path(name, run_dir)
+    if not path.is_file():
+        print(f"warning: float baseline '{name}' not trained ({path} missing); "
               f"float_baseline_accuracy is not recorded", file=sys.stderr)
-        return {"model": name, "accuracy": None, "epochs": None, "checkpoint": str(path / CKPT)}
-    model, ck = load_trained(name, path)
+        return {"model": name, "accuracy": None, "epochs": None, "checkpoint": str(path)}
+    model, ck = load_trained(name, run_dir)
     acc = float((float_model_predictions(model, images) == np.asarray(labels)).mean())
-    return {"model": name, "accuracy": acc, "epochs": int(ck["epoch"]), "checkpoint": str(path / CKPT)}
+    return {"model": name, "accuracy": acc, "epochs": int(ck["epoch"]), "checkpoint": str(path)}
 
 
 def _dataset_note(name, n):

@@ -8,6 +8,14 @@ run is left as it is. Adam with a cosine learning-rate schedule (stepped per
 epoch); latent binary weights are clipped to [-1, 1] after each step and get no weight
 decay.
 
+A run's checkpoint lives in ``runs/`` (ignored by git, gone with the machine). So that a
+long run outlives the machine it started on, :func:`train` also keeps a compact copy of it
+in the repository, ``models/checkpoints/<model>.pt`` (:func:`write_snapshot`: the model in
+float32, the optimizer's moments in bfloat16, about 12 MB for a CNV), which is committed; a
+run whose ``runs/`` checkpoint is missing resumes from that snapshot, and export, fine-tuning
+(``init_from``) and the float baseline read it too (:func:`checkpoint_path`). A resumed
+snapshot is not bit-identical to an uninterrupted run (the moments were rounded to bfloat16).
+
 Two recipe keys serve post-training quantization followed by fine-tuning (ShiftCNN):
 ``init_from`` names a model whose finished checkpoint (``runs/<init_from>/ckpt.pt``, or
 ``init_dir``) initialises a fresh run (every parameter and buffer of the same name and
@@ -41,8 +49,55 @@ CKPT = "ckpt.pt"
 THREADS = max(1, min(2, int(os.environ.get("QNNFAB_THREADS", "1"))))
 
 
+SNAPSHOT_DIR = REPO_ROOT / "models" / "checkpoints"
+
+
 def default_run_dir(model_name):
     return REPO_ROOT / "runs" / model_name
+
+
+def snapshot_path(model_name):
+    """The committed snapshot of ``model_name``'s training run (see the module docstring)."""
+    return SNAPSHOT_DIR / f"{model_name}.pt"
+
+
+def checkpoint_path(model_name, run_dir=None):
+    """Where ``model_name``'s trained checkpoint is read: ``<run_dir>/ckpt.pt`` when
+    ``run_dir`` is given; else ``runs/<model>/ckpt.pt`` if it exists, else the committed
+    snapshot if that exists, else the ``runs/`` path (whose absence the caller reports)."""
+    if run_dir is not None:
+        return Path(run_dir) / CKPT
+    own = default_run_dir(model_name) / CKPT
+    if not own.is_file() and snapshot_path(model_name).is_file():
+        return snapshot_path(model_name)
+    return own
+
+
+def _map_floats(obj, fn):
+    """``obj`` (nested dicts/lists/tuples of tensors) with ``fn`` applied to every floating tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj) if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _map_floats(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_floats(v, fn) for v in obj)
+    return obj
+
+
+def write_snapshot(ck, path):
+    """Write the compact, committable copy of checkpoint ``ck``: everything as it is, but
+    the optimizer state's floating tensors in bfloat16 (the model stays float32, exact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    small = dict(ck, optimizer=_map_floats(ck["optimizer"], lambda t: t.to(torch.bfloat16)), snapshot=True)
+    _save_atomic(small, path)
+
+
+def _widen_snapshot(ck):
+    """A checkpoint read from a snapshot, its optimizer state back in float32."""
+    if ck.get("snapshot"):
+        ck = dict(ck, optimizer=_map_floats(ck["optimizer"], lambda t: t.to(torch.float32)))
+    return ck
 
 
 def _recipe(cfg):
@@ -78,7 +133,7 @@ def load_checkpoint(path):
     if not path.is_file():
         raise QnnfabError("checkpoint not found; train first (python -m models.train --model <name>)",
                           where=str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _widen_snapshot(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _save_atomic(obj, path):
@@ -178,6 +233,8 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     augmentation and checkpoints stay on the CPU, so a run may resume on another device
     (bit-identical resumption is promised on the same device only).
     ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read.
+    Without ``run_dir`` the run also keeps its committed snapshot
+    (``models/checkpoints/<model>.pt``) up to date and resumes from it when ``runs/`` has none.
     ``compile_model`` runs the training steps through ``torch.compile`` (inductor fuses the
     straight-through estimators and batch norms: 1.13x faster per CNV step with one CPU thread,
     but only ~1% per bnn_cifar epoch with two (284 s against 288 s), after ~60-75 s of compilation
@@ -192,16 +249,18 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         if epochs < 1:
             raise QnnfabError(f"--epochs must be at least 1, got {epochs}")
         cfg["epochs"] = int(epochs)
+    snap = None if run_dir else snapshot_path(model_name)
     run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CKPT
+    resume_path = ckpt_path if ckpt_path.is_file() or snap is None or not snap.is_file() else snap
     recipe = _jsonable(_recipe(cfg))
 
     torch.manual_seed(seed)
     model = build_model(cfg)
-    fresh = not (resume and ckpt_path.is_file())
+    fresh = not (resume and resume_path.is_file())
     if cfg.get("init_from") and fresh:
-        src = Path(init_dir or default_run_dir(cfg["init_from"])) / CKPT
+        src = checkpoint_path(cfg["init_from"], init_dir)
         if not src.is_file():
             raise QnnfabError(f"{model_name} starts from {cfg['init_from']}'s trained checkpoint (init_from), "
                               f"which is not there: make train MODEL={cfg['init_from']} first", where=str(src))
@@ -214,19 +273,19 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
     start, best, history, elapsed = 0, 0.0, [], 0.0
 
-    if resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    if not fresh:
+        ck = load_checkpoint(resume_path)
         if ck["recipe"] != recipe or ck["seed"] != seed:
             raise QnnfabError("checkpoint was trained with a different recipe or seed "
                               f"(checkpoint: seed {ck['seed']}, epochs {ck['recipe'].get('epochs')}); "
-                              "use --no-resume to start over, or another --run-dir", where=str(ckpt_path))
+                              "use --no-resume to start over, or another --run-dir", where=str(resume_path))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng_state"])
         start, best, history = ck["epoch"], ck["best_test_accuracy"], ck["history"]
         elapsed = ck.get("train_seconds", 0.0)
-        print(f"resuming {model_name} from epoch {start}/{cfg['epochs']} ({ckpt_path})", flush=True)
+        print(f"resuming {model_name} from epoch {start}/{cfg['epochs']} ({resume_path})", flush=True)
     if start >= cfg["epochs"]:
         print(f"{model_name}: already trained for {start} epochs (test accuracy "
               f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
@@ -273,12 +332,15 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         history.append({"epoch": epoch + 1, "lr": lr, "loss": tot_loss / len(xtr),
                         "train_accuracy": tot_correct / len(xtr), "test_accuracy": test_acc,
                         "seconds": round(secs, 2)})
-        _save_atomic({"model_name": model_name, "config": cfg, "recipe": recipe, "seed": seed,
-                      "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                      "rng_state": torch.get_rng_state(), "best_test_accuracy": best,
-                      "history": history, "train_seconds": elapsed,
-                      "torch_version": str(torch.__version__)}, ckpt_path)
+        ck = {"model_name": model_name, "config": cfg, "recipe": recipe, "seed": seed,
+              "model": model.state_dict(), "optimizer": opt.state_dict(),
+              "scheduler": sched.state_dict(), "epoch": epoch + 1,
+              "rng_state": torch.get_rng_state(), "best_test_accuracy": best,
+              "history": history, "train_seconds": elapsed,
+              "torch_version": str(torch.__version__)}
+        _save_atomic(ck, ckpt_path)
+        if snap is not None:
+            write_snapshot(ck, snap)
         print(f"{model_name} epoch {epoch + 1}/{cfg['epochs']}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
               f"train acc {tot_correct / len(xtr):.4f} test acc (float QAT) {test_acc:.4f} "
               f"best {best:.4f} [{secs:.1f} s]", flush=True)
@@ -304,7 +366,20 @@ def main(argv=None):
                                                           "(faster for long runs; ~75 s to compile)")
     p.add_argument("--init-dir", default=None, help="run directory of the recipe's init_from model "
                                                      "(default: runs/<init_from>)")
+    p.add_argument("--snapshot", action="store_true", help="only write the committed snapshot "
+                                                           "(models/checkpoints/<model>.pt) of runs/<model>/ckpt.pt")
     args = p.parse_args(argv)
+    if args.snapshot:
+        try:
+            src = Path(args.run_dir or default_run_dir(args.model)) / CKPT
+            ck = load_checkpoint(src)
+            write_snapshot(ck, snapshot_path(args.model))
+        except QnnfabError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{args.model}: snapshot of epoch {ck['epoch']} written to {snapshot_path(args.model)} "
+              f"({snapshot_path(args.model).stat().st_size / 1e6:.1f} MB)")
+        return 0
     try:
         s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
                   run_dir=args.run_dir, progress=not args.no_progress, device=args.device, init_dir=args.init_dir,

@@ -226,6 +226,41 @@ def test_train_resume_is_identical_and_export_records_provenance(tmp_path, tiny_
     json.loads((out / "qmd.json").read_text())      # plain JSON on disk
 
 
+def test_a_run_without_its_runs_checkpoint_resumes_from_the_committed_snapshot(tmp_path, tiny_registry,
+                                                                               monkeypatch):
+    """The default run keeps models/checkpoints/<m>.pt (model float32, Adam moments bfloat16)
+    current; when runs/ is gone (a fresh clone) training resumes from it, and export reads it."""
+    import models.train as tr
+    monkeypatch.setattr("models.train.default_run_dir", lambda name: tmp_path / "runs" / name)
+    train(tiny_registry, seed=3, progress=False, stop_after=1)
+    snap = tr.snapshot_path(tiny_registry)
+    full, small = load_checkpoint(tmp_path / "runs" / tiny_registry / "ckpt.pt"), load_checkpoint(snap)
+    assert small["epoch"] == full["epoch"] == 1 and small["snapshot"]
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], small["model"][key]), key
+    raw = torch.load(snap, weights_only=True)["optimizer"]["state"]
+    assert {t.dtype for st in raw.values() for t in st.values() if t.is_floating_point()} == {torch.bfloat16}
+    moments = full["optimizer"]["state"]
+    for k, st in small["optimizer"]["state"].items():      # widened back to float32 on load
+        assert st["exp_avg"].dtype == torch.float32
+        assert torch.equal(st["exp_avg"], moments[k]["exp_avg"].to(torch.bfloat16).float())
+    assert tr.checkpoint_path(tiny_registry) == tmp_path / "runs" / tiny_registry / "ckpt.pt"
+    import shutil
+    shutil.rmtree(tmp_path / "runs")                         # the machine is gone; the snapshot is committed
+    assert tr.checkpoint_path(tiny_registry) == snap
+    s = train(tiny_registry, seed=3, progress=False)
+    assert s["epochs_done"] == 3 and load_checkpoint(snap)["epoch"] == 3
+    assert [h["epoch"] for h in load_checkpoint(snap)["history"]] == [1, 2, 3]
+    shutil.rmtree(tmp_path / "runs")
+    summary = export(tiny_registry, out_dir=tmp_path / "q")            # reads the snapshot
+    assert summary["qat_accuracy"] > 0.5 and load_qmd(tmp_path / "q").provenance["epochs"] == 3
+    # --snapshot rewrites the snapshot from a runs/ checkpoint
+    snap.unlink()
+    train(tiny_registry, run_dir=tmp_path / "other", seed=3, progress=False, stop_after=1)
+    assert tr.main(["--model", tiny_registry, "--snapshot", "--run-dir", str(tmp_path / "other")]) == 0
+    assert load_checkpoint(snap)["epoch"] == 1
+
+
 def test_export_without_checkpoint_is_a_clear_error(tmp_path, tiny_registry):
     with pytest.raises(QnnfabError, match="checkpoint not found"):
         export(tiny_registry, run_dir=tmp_path / "nothing", out_dir=tmp_path / "q")

@@ -183,7 +183,6 @@ def test_finetune_from_float_checkpoint_export_and_eval(tmp_path, monkeypatch, c
         "init_from": "tiny_float", "float_baseline": "tiny_float", "lr": 0.001, "description": "tiny shift"})
     runs = tmp_path / "runs"
     monkeypatch.setattr("models.train.default_run_dir", lambda name: runs / name)
-    monkeypatch.setattr("models.export.default_run_dir", lambda name: runs / name)
     train("tiny_float", run_dir=runs / "tiny_float", progress=False)
     with pytest.raises(QnnfabError, match="'tiny_float' is a float baseline"):
         export("tiny_float", run_dir=runs / "tiny_float", out_dir=tmp_path / "nope")
