@@ -156,7 +156,8 @@ def plan_network(qmd, folding):
                                     params={"weight_density": sched.density, "cycles_per_frame_dense": dense_cycles,
                                             "schedule_bits": sched.schedule_bits, "slot_bits": sched.slot_bits,
                                             "lane_slots": sched.lane_steps.tolist(),
-                                            "busiest_lane_slots": int(sched.lane_steps.max())},
+                                            "busiest_lane_slots": int(sched.lane_steps.max()),
+                                            "lane_fifo_depth": sched.lane_fifo_depth()},
                                     weights="rom"))
             elif pow2_w:
                 a = layer.attrs
@@ -329,7 +330,8 @@ class Accelerator(wiring.Component):
                                thresholds=None if thr is None else thr.arrays["thresholds"],
                                direction=None if thr is None else thr.arrays["direction"],
                                pos_scale=layer.arrays.get("pos_scale"), neg_scale=layer.arrays.get("neg_scale"),
-                               in_shape=code_shape(act), in_code=act.code, in_range=(act.lo, act.hi))
+                               in_shape=code_shape(act), in_code=act.code, in_range=(act.lo, act.hi),
+                               lane_fifo_depth=s.params["lane_fifo_depth"])
         if s.engine == "shift_mvtu":
             thr = s.layers[1] if len(s.layers) == 2 else None
             act = layer.in_act

@@ -181,12 +181,12 @@ def memories(s):
         nf, sf, in_bits, parts, part, _, _, _, param_width = _ternary_params(s)
         lanes, fifo_depth = s.pe * s.simd, 2 * nf + 2
         # every lane its own schedule memory (as deep as its slots), its own copy of its input
-        # bank (a read port of its own) and its partial-sum FIFO; per PE an output FIFO and the
-        # parameter memory
+        # bank (a read port of its own) and its partial-sum FIFO (as deep as costs no cycle);
+        # per PE an output FIFO and the parameter memory
         mems = [("weights", s.params["slot_bits"], int(d), "rom") for row in s.params["lane_slots"] for d in row if d]
         mems += [("input", in_bits, 2 * sf, "buffer")] * lanes
-        mems += [("fifo", parts * part, fifo_depth, "buffer")] * lanes + [("fifo", s.out_shape.width, fifo_depth,
-                                                                          "buffer")] * s.pe
+        mems += [("fifo", parts * part, s.params["lane_fifo_depth"], "buffer")] * lanes
+        mems += [("fifo", s.out_shape.width, fifo_depth, "buffer")] * s.pe
         if param_width:
             mems += [("thresholds", param_width, nf, "rom")] * s.pe
         return mems

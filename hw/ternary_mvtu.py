@@ -21,9 +21,13 @@ Compressed weights: element-level gather, lane-banked inputs, independent lanes
   negative partial sums, once per neuron) into a register, and in the next cycle applies
   the thresholds and pushes the result into the PE's output FIFO (so the sum and the
   comparison are not one path); an output beat leaves when every PE has its result.
-  Lanes and PEs run independently (FIFOs of ``2*NF + 2`` entries let one run up to two
-  vectors ahead), so each output's cycles follow its own non-zero count and a lane's
-  load averages over all its neurons.
+  Lanes and PEs run independently, so each output's cycles follow its own non-zero count
+  and a lane's load averages over all its neurons. A PE's output FIFO holds ``2*NF + 2``
+  results (a PE may run up to two vectors ahead of the others); a lane's partial-sum FIFO
+  is only as deep as costs no cycle (:meth:`TernarySchedule.lane_fifo_depth`: a max-plus
+  model of the lanes and the reducer, which predicts the RTL's interval exactly, gives the
+  shallowest depth with each PE's unbounded-FIFO interval, plus a margin of 2; 4-6
+  entries on random layers, instead of ``2*NF + 2``).
 
 Cycles per vector (exact, from the weight pattern; :func:`ternary_schedule`):
   ``max(max over lanes (p, j) of sum_f max(1, nnz(f*PE + p, lane j)), SF)`` with
@@ -131,6 +135,49 @@ class TernarySchedule:
         """Memory bits of the compressed weights (every lane's schedule memory)."""
         return int(self.lane_steps.sum()) * self.slot_bits
 
+    def neuron_steps(self):
+        """``[PE, SIMD, NF]``: the slots (escapes included) lane ``(p, j)`` spends on neuron ``f*PE + p``."""
+        out = np.zeros((self.pe, self.simd, self.nf), dtype=np.int64)
+        for (p, j), last in self.last.items():
+            out[p, j] = np.diff(np.append(-1, np.flatnonzero(last)))
+        return out
+
+    def pe_intervals(self, depth, vectors=3):
+        """Cycles between the last two vector boundaries of every PE when its lanes' partial-sum
+        FIFOs hold ``depth`` neurons (None: unbounded), in a max-plus model of the lanes and the
+        reducer: lane ``j`` pushes neuron ``k`` at ``P_j(k) = max(P_j(k-1) + steps_j(k),
+        R(k - depth) + 1)`` (its FIFO must have room), the reducer takes it at ``R(k) =
+        max(max_j P_j(k) + 1, R(k-1) + 1)``; inputs and outputs never wait."""
+        steps = np.tile(self.neuron_steps(), (1, 1, vectors))          # [p, j, k] over `vectors` vectors
+        pe, simd, total = steps.shape
+        push = np.zeros((pe, simd))
+        red = np.full((pe, total), -np.inf)
+        last = np.full(pe, -np.inf)
+        for k in range(total):
+            room = red[:, k - depth] + 1 if depth is not None and k >= depth else -np.inf
+            push = np.maximum(push + steps[:, :, k], room[:, None] if np.ndim(room) else room)
+            last = np.maximum(push.max(axis=1) + 1, last + 1)
+            red[:, k] = last
+        return (red[:, -1] - red[:, -1 - self.nf]).astype(np.int64)
+
+    def lane_fifo_depth(self, margin=2, floor=4):
+        """Depth of the lanes' partial-sum FIFOs: the shallowest that costs no cycle in
+        :meth:`pe_intervals` (the same interval per PE as unbounded FIFOs), plus ``margin`` for
+        the pipeline latencies the model leaves out, at least ``floor``, at most ``2*NF + 2``
+        (a lane up to two vectors ahead never waits)."""
+        cap = 2 * self.nf + 2
+        free = self.pe_intervals(None)
+        lo, hi = 1, cap                                   # the answer is in [lo, hi]
+        if not (self.pe_intervals(hi) <= free).all():
+            return cap
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if (self.pe_intervals(mid) <= free).all():
+                hi = mid
+            else:
+                lo = mid + 1
+        return int(min(cap, max(floor, lo + margin)))
+
 
 def _lane_lists(w, pe, simd):
     """Per lane ``(p, j)``: neuron fold, address, non-zero flag and sign of each slot
@@ -217,10 +264,12 @@ class TernaryMVTU(wiring.Component):
         (binary ``(2, -1)``, ternary ``(1, -1)``, integers ``(1, 0)``)
     in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
     gap_bits : width of a schedule slot's address gap (default: chosen by :func:`ternary_schedule`)
+    lane_fifo_depth : neurons a lane's partial-sum FIFO holds (default: the shallowest that costs
+        no cycle, :meth:`TernarySchedule.lane_fifo_depth`)
     """
 
     def __init__(self, weights, *, pe, simd, thresholds=None, direction=None, pos_scale=None, neg_scale=None,
-                 in_shape=unsigned(1), in_code=(2, -1), in_range=None, gap_bits=None):
+                 in_shape=unsigned(1), in_code=(2, -1), in_range=None, gap_bits=None, lane_fifo_depth=None):
         self.sched = ternary_schedule(weights, pe, simd, gap_bits)
         self.weights = np.asarray(weights).astype(np.int64)
         self.m, self.n = self.weights.shape
@@ -254,6 +303,11 @@ class TernaryMVTU(wiring.Component):
             dot_thresholds(thresholds, direction, self.m, self.dot_range)
         out_elem = self.out_elem
         self.fifo_depth = 2 * self.nf + 2     # a lane or PE up to two vectors ahead never waits
+        if lane_fifo_depth is None:
+            lane_fifo_depth = self.sched.lane_fifo_depth()
+        elif isinstance(lane_fifo_depth, bool) or not isinstance(lane_fifo_depth, int) or lane_fifo_depth < 1:
+            raise ValueError(f"lane_fifo_depth must be a positive integer, got {lane_fifo_depth!r}")
+        self.lane_fifo_depth = lane_fifo_depth
         super().__init__({
             "i": In(stream.Signature(data.ArrayLayout(self.in_shape, simd))),
             "o": Out(stream.Signature(data.ArrayLayout(out_elem, pe))),
@@ -377,20 +431,22 @@ class TernaryMVTU(wiring.Component):
         pw = self.part_shape.width
         parts = 2 if self.ttq else 1
 
-        # ---- input vector: SIMD lane banks, each two halves of SF codes (double buffer)
-        banks = []
+        # ---- input vector: SIMD lane banks, each two halves of SF codes (double buffer), one
+        # copy per PE: a memory with one write and one read port maps to LUT RAM or a block RAM,
+        # where one bank read by PE ports was mapped to flip-flops and a multiplexer per port
+        banks = {}
         full = [Signal(name="half0_full"), Signal(name="half1_full")]
         wsel = Signal()
         wcnt = Signal(range(sf))
         m.d.comb += self.i.ready.eq(~Mux(wsel, full[1], full[0]))
         accept = self.i.valid & self.i.ready
-        for j in range(simd):
-            bank = memory.Memory(shape=unsigned(iw), depth=2 * sf, init=[])
-            m.submodules[f"bank{j}"] = bank
-            banks.append(bank)
-            wr = bank.write_port()
-            m.d.comb += [wr.addr.eq(Mux(wsel, sf, 0) + wcnt),
-                         wr.data.eq(self.i.payload.as_value()[j * iw:(j + 1) * iw]), wr.en.eq(accept)]
+        for p in range(pe):
+            for j in range(simd):
+                bank = memory.Memory(shape=unsigned(iw), depth=2 * sf, init=[])
+                m.submodules[f"bank_{p}_{j}"] = banks[p, j] = bank
+                wr = bank.write_port()
+                m.d.comb += [wr.addr.eq(Mux(wsel, sf, 0) + wcnt),
+                             wr.data.eq(self.i.payload.as_value()[j * iw:(j + 1) * iw]), wr.en.eq(accept)]
         filled = Signal(2)           # the half the writer completed this cycle
         with m.If(accept):
             with m.If(wcnt == sf - 1):
@@ -405,10 +461,10 @@ class TernaryMVTU(wiring.Component):
         for p in range(pe):
             lane_fifos = []
             for j in range(simd):
-                q = fifo.SyncFIFO(width=parts * pw, depth=self.fifo_depth)
+                q = fifo.SyncFIFO(width=parts * pw, depth=self.lane_fifo_depth)
                 m.submodules[f"part_{p}_{j}"] = q
                 lane_fifos.append(q)
-                lanes_rd.append(self._lane(m, p, j, banks[j], full, q))
+                lanes_rd.append(self._lane(m, p, j, banks[p, j], full, q))
             oq = fifo.SyncFIFO(width=self.out_elem.width, depth=self.fifo_depth)
             m.submodules[f"out_{p}"] = oq
             out_fifos.append(oq)

@@ -49,11 +49,11 @@ def _random_thresholds(rng, x, wq, count):
     return thr, direction
 
 
-def _run(w, x, pe, simd, kind, thr=None, direction=None, scales=None, stall=0.0, seed=0):
+def _run(w, x, pe, simd, kind, thr=None, direction=None, scales=None, stall=0.0, seed=0, lane_fifo_depth=None):
     shape, code, rng_ = INPUTS[kind]
     pos, neg = scales if scales is not None else (None, None)
     dut = TernaryMVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, pos_scale=pos, neg_scale=neg,
-                      in_shape=shape, in_code=code, in_range=rng_)
+                      in_shape=shape, in_code=code, in_range=rng_, lane_fifo_depth=lane_fifo_depth)
     raw = (x - code[1]) // code[0]
     n = w.shape[1]
     beats = [pack(v[s * simd:(s + 1) * simd], shape.width) for v in raw for s in range(n // simd)]
@@ -149,6 +149,43 @@ def test_lanes_and_pes_run_independently():
     assert np.diff(cycles[::4])[2:].tolist() == [11] * 3
 
 
+def _skewed_lanes():
+    """PE 1 x SIMD 2, 16 neurons of 8 beats: lane 0 is full for neurons 0-7, lane 1 for 8-15."""
+    w = np.zeros((16, 16), dtype=int)
+    w[:8, 0::2] = 1
+    w[8:, 1::2] = -1
+    return w
+
+
+def test_lane_fifos_are_as_shallow_as_costs_no_cycle():
+    """Random layers need only a few partial-sum entries per lane (the model's choice, far below
+    2*NF + 2), and the model of unbounded FIFOs gives each PE's busiest lane."""
+    for seed, (m, n, pe, simd) in enumerate([(64, 576, 8, 8), (256, 2304, 2, 8), (512, 256, 16, 16)]):
+        s = ternary_schedule(random_ternary(np.random.default_rng(seed), m, n, 0.4), pe, simd)
+        assert s.pe_intervals(None).tolist() == s.lane_steps.max(axis=1).tolist()
+        d = s.lane_fifo_depth()
+        assert 4 <= d <= 8 < 2 * s.nf + 2
+        assert (s.pe_intervals(d - 2) <= s.pe_intervals(None)).all()
+
+
+def test_skewed_lanes_get_a_deeper_fifo_and_the_model_predicts_the_rtl():
+    """Lane 0's work sits in the first half of the neurons, lane 1's in the second: lane 0 must
+    run several neurons ahead to keep the 72-cycle busiest-lane rate. The default depth does
+    (measured in the RTL); shallower FIFOs cost exactly the cycles the max-plus model predicts."""
+    w = _skewed_lanes()
+    s = ternary_schedule(w, 1, 2)
+    assert s.cycles_per_vector == 72 and s.dense_cycles_per_vector == 128
+    x = _values(np.random.default_rng(8), "ternary", (6, 16))
+    got, cycles, dut = _run(w, x, 1, 2, "ternary")
+    assert np.array_equal(got, x @ w.T) and dut.lane_fifo_depth == s.lane_fifo_depth() == 6
+    assert np.diff(cycles[::16])[2:].tolist() == [72] * 3
+    for depth, predicted in ((1, 116), (2, 100), (3, 84), (4, 72)):
+        assert s.pe_intervals(depth)[0] == predicted
+        got, cycles, _ = _run(w, x, 1, 2, "ternary", lane_fifo_depth=depth)
+        assert np.array_equal(got, x @ w.T)
+        assert np.diff(cycles[::16])[2:].tolist() == [predicted] * 3, depth
+
+
 def test_schedule_stores_exactly_the_nonzeros():
     rng = np.random.default_rng(6)
     m, n, pe, simd = 12, 40, 3, 5
@@ -228,6 +265,7 @@ def test_zero_skip_cycles_within_density_plus_ten_percent_of_dense(m, n, pe, sim
     (dict(in_code=(0, 1)), "in_code must be a pair"),
     (dict(in_range=(3, 1)), "in_range must be \\(lo, hi\\) with lo <= hi"),
     (dict(gap_bits=9), "gap_bits must be an integer in 1..1, got 9"),
+    (dict(lane_fifo_depth=0), "lane_fifo_depth must be a positive integer, got 0"),
 ])
 def test_bad_parameters_are_rejected(bad, message):
     args = dict(weights=np.eye(4, dtype=int), pe=2, simd=2)

@@ -107,8 +107,9 @@ def test_resource_model_counts_every_lane_memory_of_the_zero_skip_engine(tmp_pat
     from hw.ternary_mvtu import ternary_schedule
     qmd = random_ternary_cnn(tmp_path / "q", input_shape=(8, 8, 3), convs=((8, 3, 1, 0, False), (16, 3, 1, 0, False)),
                              act="ternary", ttq=True, density=0.4, seed=3)
-    stages = plan_network(qmd, {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 4, "simd": 4}, "fc": {"pe": 1, "simd": 8}})
-    s = next(st for st in stages if st.name == "conv1")
+    folding = {"conv0": {"pe": 2, "simd": 3}, "conv1": {"pe": 4, "simd": 4}, "fc": {"pe": 1, "simd": 8}}
+    stages = plan_network(qmd, folding)
+    k, s = next((k, st) for k, st in enumerate(stages) if st.name == "conv1")
     layer = qmd.layer("conv1")
     sched = ternary_schedule(layer.weights, s.pe, s.simd)
     mems = memories(s)
@@ -117,8 +118,9 @@ def test_resource_model_counts_every_lane_memory_of_the_zero_skip_engine(tmp_pat
     assert sum(w * d for name, w, d, _ in mems if name == "weights") == sched.schedule_bits
     lanes, sf, nf = s.pe * s.simd, sched.sf, sched.nf
     assert [(w, d) for name, w, d, _ in mems if name == "input"] == [(2, 2 * sf)] * lanes   # 2-bit ternary codes
-    assert sum(1 for name, *_ in mems if name == "fifo") == lanes + s.pe
-    assert all(d == 2 * nf + 2 for name, _, d, _ in mems if name == "fifo")
+    fifos = [d for name, _, d, _ in mems if name == "fifo"]
+    assert fifos == [sched.lane_fifo_depth()] * lanes + [2 * nf + 2] * s.pe     # lanes shallow, PE outputs not
+    assert Accelerator(qmd, folding).engine(k).lane_fifo_depth == sched.lane_fifo_depth() < 2 * nf + 2
     assert sum(1 for name, *_ in mems if name == "thresholds") == s.pe
     est = estimate_stage(s, "ecp5", calibration={})
     assert est["weight_bits"] == sched.schedule_bits and est["weight_bits_dense"] == 2 * layer.weights.size
