@@ -167,12 +167,21 @@ class TernarySchedule:
         (a lane up to two vectors ahead never waits)."""
         cap = 2 * self.nf + 2
         free = self.pe_intervals(None)
-        lo, hi = 1, cap                                   # the answer is in [lo, hi]
-        if not (self.pe_intervals(hi) <= free).all():
-            return cap
+
+        def enough(d):
+            return bool((self.pe_intervals(d) <= free).all())
+
+        hi = 1                                            # doubling, then bisection: most layers need 1-2
+        while hi < cap and not enough(hi):
+            hi *= 2
+        if hi >= cap:
+            if not enough(cap):
+                return cap
+            hi = cap
+        lo = hi // 2 + 1                                  # enough(hi); not enough(hi // 2) when hi > 1
         while lo < hi:
             mid = (lo + hi) // 2
-            if (self.pe_intervals(mid) <= free).all():
+            if enough(mid):
                 hi = mid
             else:
                 lo = mid + 1
