@@ -289,7 +289,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     if start >= cfg["epochs"]:
         print(f"{model_name}: already trained for {start} epochs (test accuracy "
               f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
-        return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
+        return _summary(model_name, cfg, resume_path, history, best, elapsed)
 
     xtr, ytr = _load_data(cfg, "train")
     xte, yte = _load_data(cfg, "test")
