@@ -186,6 +186,18 @@ def test_skewed_lanes_get_a_deeper_fifo_and_the_model_predicts_the_rtl():
         assert np.diff(cycles[::16])[2:].tolist() == [predicted] * 3, depth
 
 
+def test_every_lane_reads_its_own_input_bank_copy():
+    """One write and one read port per bank memory: Yosys maps that to LUT RAM, where one bank
+    read by PE ports was kept in flip-flops with a multiplexer per port (docs/architecture.md)."""
+    w = random_ternary(np.random.default_rng(4), 6, 12, 0.5)
+    dut = TernaryMVTU(w, pe=3, simd=4, in_shape=unsigned(2), in_code=(1, -1), in_range=(-1, 1))
+    m = dut.elaborate(None)
+    for p in range(3):
+        for j in range(4):
+            bank = m.submodules[f"bank_{p}_{j}"]
+            assert (len(bank.read_ports), len(bank.write_ports), bank.depth) == (1, 1, 2 * 3)
+
+
 def test_schedule_stores_exactly_the_nonzeros():
     rng = np.random.default_rng(6)
     m, n, pe, simd = 12, 40, 3, 5
