@@ -34,7 +34,7 @@ from models.data import DATASETS, load_dataset
 from models.nets import CNV, SFC, build_model
 from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
-from models.reference import ReferenceModel
+from models.reference import EVAL_BATCH, ReferenceModel
 from models.train import THREADS, checkpoint_path, load_checkpoint
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import DATA_DIR, REPO_ROOT, ZOO_DIR
@@ -321,7 +321,7 @@ def float_model_predictions(model, images, run_dir=None, batch=1000):
                                .to(torch.int64).numpy() for i in range(0, len(images), batch)])
 
 
-def reference_predictions(qmd, images, batch=1000):
+def reference_predictions(qmd, images, batch=EVAL_BATCH):
     """Classes the integer reference model predicts for ``images``."""
     ref = qmd if isinstance(qmd, ReferenceModel) else ReferenceModel(qmd)
     return np.concatenate([ref.run(images[i:i + batch]).numpy() for i in range(0, len(images), batch)])
@@ -389,7 +389,7 @@ def export(model_name, run_dir=None, out_dir=None):
     description = cfg.get("description", "")
     qmd = save_qmd(out_dir, model_name, tuple(cfg["input_shape"]), "uint8", layers, provenance, description,
                    dataset=cfg["dataset"])
-    int_cls = reference_predictions(qmd, images, batch=250)
+    int_cls = reference_predictions(qmd, images)
     int_acc = float((int_cls == labels).mean())
     provenance["integer_accuracy_at_export"] = int_acc
     provenance["float_vs_integer_class_mismatches"] = int((int_cls != float_cls).sum())
