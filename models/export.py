@@ -370,6 +370,8 @@ def export(model_name, run_dir=None, out_dir=None):
     recipe["augment_shift"] = cfg.get("augment_shift", 0)
     if cfg.get("augment_flip"):
         recipe["augment_flip"] = True
+    if cfg.get("init_from"):
+        recipe["init_from"] = cfg["init_from"]      # the checkpoint it was fine-tuned from
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,

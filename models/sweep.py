@@ -28,8 +28,13 @@ def sweep_entry(qmd, folding, images, labels):
     nonzeros = sum(int((l.weights != 0).sum()) for l in weights)
     dense_frame = max(s.params["cycles_per_frame_dense"] if s.engine == "ternary_mvtu" else s.cycles_per_frame
                       for s in stages)
+    recipe = qmd.provenance.get("recipe", {})
+    epochs = qmd.provenance.get("epochs")
+    training = (f"{epochs} epochs" if epochs is not None else "unknown") + \
+        (f" from {recipe['init_from']}" if recipe.get("init_from") else "")
     return {
         "model": qmd.name,
+        "training": training,
         "integer_accuracy": accuracy(qmd, images, labels) if len(images) else None,
         "test_images": int(len(images)),
         "weight_density": nonzeros / sum(l.weights.size for l in weights),
@@ -43,11 +48,11 @@ def sweep_entry(qmd, folding, images, labels):
 
 
 def sweep_markdown(rows):
-    lines = ["| model | integer accuracy | weight density | cycles/frame | dense cycles/frame | "
-             "ternary engines' cycles (sum) | dense (sum) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | training | integer accuracy | weight density | cycles/frame | dense cycles/frame | "
+             "ternary engines' cycles (sum) | dense (sum) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = "—" if r["integer_accuracy"] is None else f"{100 * r['integer_accuracy']:.2f}%"
-        lines.append(f"| {r['model']} | {acc} | {100 * r['weight_density']:.1f}% | {r['cycles_per_frame']:,} | "
+        lines.append(f"| {r['model']} | {r.get('training', '')} | {acc} | {100 * r['weight_density']:.1f}% | {r['cycles_per_frame']:,} | "
                      f"{r['cycles_per_frame_dense']:,} | {r['ternary_cycles_sum']:,} | "
                      f"{r['ternary_cycles_sum_dense']:,} |")
     return "\n".join(lines) + "\n"

@@ -110,15 +110,17 @@ def _recipe(cfg):
 
 def init_from_checkpoint(model, path):
     """Copy every parameter and buffer of the checkpoint at ``path`` whose name and shape
-    match into ``model`` (then ``model.init_from_float()``, if it has one: a CNV rescales for
-    its activation step); returns the number of tensors copied (an error if none)."""
+    match into ``model`` (then, when the checkpoint is a float model's, ``model.init_from_float()``
+    if it has one: a CNV rescales for its activation step; a quantized source, as tnn_cifar is for
+    its sparsity sweep, is taken as it is); returns the number of tensors copied (an error if none)."""
     ck = load_checkpoint(path)
     own = model.state_dict()
     take = {k: v for k, v in ck["model"].items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
     if not take:
         raise QnnfabError("no parameter of the checkpoint matches the model", where=str(path))
     model.load_state_dict(take, strict=False)
-    if hasattr(model, "init_from_float"):
+    source_weight = ck.get("recipe", {}).get("net_args", {}).get("weight")   # float recipes name it
+    if source_weight == "float" and hasattr(model, "init_from_float"):
         model.init_from_float()
     return len(take)
 

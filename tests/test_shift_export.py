@@ -195,6 +195,11 @@ def test_finetune_from_float_checkpoint_export_and_eval(tmp_path, monkeypatch, c
     assert torch.equal(model.convs[2].weight, float_ck["model"]["convs.2.weight"] * 0.25)
     assert torch.equal(model.conv_bns[2].running_mean, float_ck["model"]["conv_bns.2.running_mean"])
     train("tiny_shift", run_dir=runs / "tiny_shift", progress=False)
+    # a quantized source (as tnn_cifar is for its sweep) is copied as it is, not rescaled again
+    shift_ck = load_checkpoint(runs / "tiny_shift" / "ckpt.pt")
+    again = build_model(model_config("tiny_shift"))
+    assert init_from_checkpoint(again, runs / "tiny_shift" / "ckpt.pt") == len(again.state_dict())
+    assert torch.equal(again.convs[2].weight, shift_ck["model"]["convs.2.weight"])
     import models.export as ex
     test = tuple(a[:300] for a in cifar_test)
     monkeypatch.setattr(ex, "load_dataset", lambda name, split: test)

@@ -165,7 +165,10 @@ def test_sparsity_sweep_rows(tmp_path):
     for k, density in enumerate((0.6, 0.35, 0.15)):
         qmd = random_ternary_mlp(tmp_path / f"m{k}", [96, 32, 16, 4], density=density, zero_rows=0,
                                  seed=20 + k, name=f"m{k}")
+        if k:      # as an export records a sweep model fine-tuned from tnn_cifar
+            qmd.provenance.update({"epochs": 10, "recipe": {"init_from": "tnn_cifar"}})
         row = sweep_entry(qmd, folding, images, labels)
+        assert row["training"] == ("10 epochs from tnn_cifar" if k else "unknown")
         stages = plan_network(qmd, folding)
         assert row["cycles_per_frame"] == frame_cycles(stages)
         assert row["ternary_cycles_sum"] == sum(s.cycles_per_frame for s in stages if s.engine == "ternary_mvtu")

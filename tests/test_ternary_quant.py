@@ -216,9 +216,12 @@ def test_tnn_cifar_registry_entry():
     for name in ("tnn_cifar_d10", "tnn_cifar_d14"):
         sweep = model_config(name)
         assert sweep["net_args"]["delta_factor"] > cfg["net_args"]["delta_factor"]
-        # the sweep differs from tnn_cifar only in the TWN threshold
-        assert {k: v for k, v in sweep.items() if k not in ("net_args", "description", "name")} == \
-            {k: v for k, v in cfg.items() if k not in ("net_args", "description", "name")}
+        # the sweep fine-tunes tnn_cifar: it differs only in the TWN threshold, start and length
+        assert sweep["init_from"] == "tnn_cifar" and sweep["epochs"] == nets.SWEEP_EPOCHS < cfg["epochs"]
+        assert {k: v for k, v in sweep["net_args"].items() if k != "delta_factor"} == \
+            {k: v for k, v in cfg["net_args"].items() if k != "delta_factor"}
+        skip = ("net_args", "description", "name", "init_from", "epochs")
+        assert {k: v for k, v in sweep.items() if k not in skip} == {k: v for k, v in cfg.items() if k not in skip}
 
 
 def test_small_tnn_train_and_export(tmp_path, monkeypatch, cifar_test):
