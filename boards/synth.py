@@ -316,10 +316,10 @@ def _version(cmd):
     return line.strip()
 
 
-def run_synth(model, board, folding_path=None, seed=1):
+def run_synth(model, board, folding_path=None, seed=1, target_mhz=None):
     """``make synth``: synthesize zoo model (or QMD directory) ``model`` for target ``board``
     (folding: ``folding_path``, else the model's ``folding-<device>.json`` when it exists,
-    else ``folding.json``) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
+    else ``folding.json``; ``target_mhz`` overrides an out-of-context target's timing goal) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
     ``(report, [json, md, svg paths])``."""
     from boards.synth_report import share_svg, synth_markdown
     from boards.targets import get_target
@@ -327,7 +327,7 @@ def run_synth(model, board, folding_path=None, seed=1):
     from hw.report import write_json
     from models.qmd import load_qmd
     from qnnfab.paths import build_dir, model_dir
-    target = get_target(board)
+    target = get_target(board, target_mhz)
     d = model_dir(model)
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")

@@ -7,6 +7,7 @@ LUT4s, flip-flops, block RAM bits (iCE40 EBR 4 kbit blocks and 256 kbit SPRAMs; 
 EBR 18 kbit blocks) and DSP blocks.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 from qnnfab.errors import QnnfabError
@@ -94,10 +95,19 @@ TARGETS = {
 }
 
 
-def get_target(name):
-    """The :class:`Target` called ``name``, or a one-line error listing the known ones."""
+def get_target(name, target_mhz=None):
+    """The :class:`Target` called ``name``, or a one-line error listing the known ones;
+    ``target_mhz`` replaces an out-of-context target's timing goal (nextpnr ``--freq``: router2
+    and the placer work toward it, so a goal far above what the design reaches costs routing time)."""
     if name not in TARGETS:
         raise QnnfabError(f"unknown BOARD '{name}'; known: {', '.join(TARGETS)}", where="BOARD")
+    if target_mhz is not None:
+        if not TARGETS[name].out_of_context:
+            raise QnnfabError(f"TARGET_MHZ applies to out-of-context targets (ooc-*); {name} runs at its board clock",
+                              where="TARGET_MHZ")
+        if not target_mhz > 0:
+            raise QnnfabError(f"TARGET_MHZ must be a positive frequency in MHz, got {target_mhz:g}", where="TARGET_MHZ")
+        return dataclasses.replace(TARGETS[name], target_mhz=float(target_mhz))
     return TARGETS[name]
 
 

@@ -157,7 +157,8 @@ def _float_baseline(qmd, images, labels, integer_accuracy):
 def cmd_synth(args):
     from boards.synth import run_synth
     from boards.synth_report import synth_markdown
-    rep, paths = run_synth(args.model, args.board, folding_path=args.folding, seed=args.seed)
+    rep, paths = run_synth(args.model, args.board, folding_path=args.folding, seed=args.seed,
+                           target_mhz=args.target_mhz)
     print(synth_markdown(rep, paths[2].name))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0 if rep["fits"] else 1
@@ -250,6 +251,8 @@ def main(argv=None):
                   "(default folding: <model dir>/folding-<device>.json when it exists)")
     p.add_argument("--board", required=True, help="icebreaker, ulx3s-85f, orangecrab-25f, ooc-up5k, ooc-25f, ooc-85f")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--target-mhz", type=float, help="timing target of an out-of-context run (TARGET_MHZ; "
+                   "default: the target's, 48 MHz on the UP5K, 100 MHz on ECP5)")
     p = sub.add_parser("fold", help="choose PE/SIMD per layer for a frame rate or a device budget")
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.add_argument("--fps", type=float, help="target frames per second (TARGET_FPS)")

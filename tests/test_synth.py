@@ -41,6 +41,19 @@ def test_unknown_board_and_device_are_one_line_errors():
     assert {"icebreaker", "ulx3s-85f", "orangecrab-25f", "ooc-up5k", "ooc-85f"} <= set(TARGETS)
 
 
+def test_target_mhz_overrides_only_out_of_context_goals(tiny, capsys):
+    assert get_target("ooc-85f", 50).target_mhz == 50.0 and TARGETS["ooc-85f"].target_mhz == 100.0
+    assert get_target("ooc-85f").target_mhz == 100.0
+    with pytest.raises(QnnfabError, match="TARGET_MHZ applies to out-of-context targets"):
+        get_target("ulx3s-85f", 50)
+    with pytest.raises(QnnfabError, match="TARGET_MHZ must be a positive frequency"):
+        get_target("ooc-85f", 0)
+    qmd, _ = tiny
+    assert main(["synth", "--model", str(qmd.path), "--board", "icebreaker", "--target-mhz", "30"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: TARGET_MHZ: TARGET_MHZ applies")
+
+
 def test_cli_synth_unknown_board_exits_2(tiny, capsys):
     qmd, _ = tiny
     assert main(["synth", "--model", str(qmd.path), "--board", "nope"]) == 2
