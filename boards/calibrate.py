@@ -69,8 +69,10 @@ def corpus(tmp):
 def _fit(terms, y, default):
     """Non-negative least-squares coefficients of ``terms`` (list of {term: value}) for ``y``:
     solve, drop the most negative term, repeat. With fewer points than terms plus one, the
-    default coefficients are scaled by one factor instead."""
-    names = list(terms[0])
+    default coefficients are scaled by one factor instead. A term that is zero at every point
+    (e.g. ``lut_rom`` when no corpus design keeps weights in LUTs) is left out, so it keeps its
+    default coefficient."""
+    names = [k for k in terms[0] if any(t[k] for t in terms)]
     y = np.asarray(y, float)
     if len(y) <= len(names):
         model = np.array([sum(default[k] * t[k] for k in names) for t in terms])

@@ -85,14 +85,16 @@ def check_weights_fit(stages, device, model):
 
     ROM weights (initialised by the bitstream) must fit the EBR. On a device with SPRAM
     (iCE40 UltraPlus) the ``"ram"`` layers take whole SB_SPRAM256KA blocks (16 bits x 16K
-    words, side by side for wider words); elsewhere they are block RAM too. Returns the
-    total weight bits."""
+    words, side by side for wider words); elsewhere they are block RAM too. ``"lut"`` layers
+    are logic, not block RAM. Returns the total weight bits."""
     from hw.network import loaded_stages, stage_weight_layout
     from hw.report import estimate_stage
     from hw.spram import spram_tiles
     mvtus = [s for s in stages if s.engine.endswith("_mvtu")]
     ram = loaded_stages(stages)
-    rom_bits = sum(estimate_stage(s)["weight_bits"] for s in mvtus if s not in ram)
+    lut = [s for s in mvtus if s.weights == "lut"]
+    rom_bits = sum(estimate_stage(s)["weight_bits"] for s in mvtus if s not in ram and s not in lut)
+    lut_bits = sum(estimate_stage(s)["weight_bits"] for s in lut)
     ram_bits = sum(estimate_stage(s)["weight_bits"] for s in ram)
     ebr_bits = device.ebr_blocks * device.ebr_bits
     if device.spram_blocks:
@@ -118,7 +120,7 @@ def check_weights_fit(stages, device, model):
             hint = ": it cannot fit"
         raise QnnfabError(f"model '{model}' has {what} but the {device.part} holds {ebr_bits:,} bits of EBR "
                           f"({device.ebr_blocks} blocks){hint}", where="BOARD")
-    return rom_bits + ram_bits
+    return rom_bits + ram_bits + lut_bits
 
 
 def _cells_of(stat_json):

@@ -7,7 +7,8 @@ Format (``models/zoo/<model>/folding.json``)::
 Every ``dense`` and ``conv2d`` layer needs an entry: ``pe`` must divide its outputs
 (features or channels) and ``simd`` its fan-in (features, or K*K*Cin window elements;
 for a convolution SIMD must also divide Cin). ``weights`` is optional: ``"rom"`` (the
-default: weights initialised in block RAM by the bitstream) or ``"ram"`` (an
+default: weights initialised in block RAM by the bitstream), ``"lut"`` (initialised too, but
+built from LUTs: for shallow, wide weight memories; binary-weight engines) or ``"ram"`` (an
 uninitialised single-port RAM, SPRAM on an iCE40 UltraPlus, loaded at run time).
 Errors name the file, the layer and the field.
 
@@ -23,7 +24,7 @@ from qnnfab.errors import QnnfabError, read_json
 FORMAT = "qnnfab-folding"
 FILENAME = "folding.json"
 FOLDED_KINDS = ("dense", "conv2d")
-WEIGHT_STORAGE = ("rom", "ram")
+WEIGHT_STORAGE = ("rom", "ram", "lut")
 ENTRY_FIELDS = ("pe", "simd", "weights")
 
 
@@ -74,8 +75,9 @@ def validate_folding(layers, qmd, where="<folding>"):
                               f"{', '.join(ENTRY_FIELDS)})", where=where)
         storage = entry.get("weights", "rom")
         if storage not in WEIGHT_STORAGE:
-            raise QnnfabError(f"layer '{layer.name}' field 'weights': must be \"rom\" (initialised block RAM) or "
-                              f"\"ram\" (loaded at run time), got {storage!r}", where=where)
+            raise QnnfabError(f"layer '{layer.name}' field 'weights': must be \"rom\" (initialised block RAM), "
+                              f"\"lut\" (initialised, built from LUTs) or \"ram\" (loaded at run time), "
+                              f"got {storage!r}", where=where)
         m, n = layer.weights.shape     # outputs (channels) and fan-in (K*K*Cin for a convolution)
         for fld, total, what in (("pe", m, "output features" if layer.kind == "dense" else "output channels"),
                                  ("simd", n, "input features" if layer.kind == "dense" else "window elements")):

@@ -41,6 +41,10 @@ pipeline; nothing is lost or duplicated.
 Weight storage (``weights_storage=``, from the folding's ``"weights"``)
   ``"rom"``: a ``lib.memory`` initialised with :meth:`MVTU.weight_words` (block RAM/ROM
   in the bitstream).
+  ``"lut"``: the same initialised memory with ``rom_style = "logic"``: Yosys builds it from
+  LUTs (each output bit a function of the address) instead of block RAM, for shallow, wide
+  weight memories (a few words of ``PE*SIMD`` bits) that would occupy many block RAMs for
+  few bits and crowd the routing around them.
   ``"ram"``: an uninitialised :class:`hw.spram.SinglePortRAM` (SB_SPRAM256KA on an
   iCE40 UltraPlus) with one address, loaded at run time through the extra ports
   ``load`` (``In``, a stream of ``PE*SIMD``-bit words: the ``NF*SF`` words of
@@ -60,7 +64,7 @@ from amaranth.lib.wiring import In, Out
 from hw.arith import bits_for, ge_threshold_count, popcount, sum_tree, to_ge_thresholds
 from hw.spram import SinglePortRAM
 
-WEIGHT_STORAGE = ("rom", "ram")
+WEIGHT_STORAGE = ("rom", "ram", "lut")
 
 
 def _shape_range(shape):
@@ -102,8 +106,8 @@ class MVTU(wiring.Component):
     in_range : ``(lo, hi)`` of the input values (integer inputs only; default: the shape's range)
     in_offset : integer inputs only: an input code ``r`` stands for ``r + in_offset`` (ternary
         activations arrive as ``value + 1``, so -1)
-    weights_storage : ``"rom"`` (initialised memory) or ``"ram"`` (loaded at run time through
-        ``load``; see the module docstring)
+    weights_storage : ``"rom"`` (initialised memory), ``"lut"`` (initialised, built from LUTs) or
+        ``"ram"`` (loaded at run time through ``load``; see the module docstring)
     pipelined : register the memory outputs and the partial sums of 16 (xnor) or 4 (addsub)
         lanes before the accumulator (default; two cycles more latency, the same throughput,
         a shorter critical path); ``False``: memory -> XNOR/popcount -> accumulator in one cycle
@@ -114,7 +118,7 @@ class MVTU(wiring.Component):
         self.pipelined = bool(pipelined)
         self.partial_stages = 2 if self.pipelined else 0
         if weights_storage not in WEIGHT_STORAGE:
-            raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
+            raise ValueError(f"weights_storage must be 'rom', 'lut' or 'ram', got {weights_storage!r}")
         self.weights_storage = weights_storage
         w = np.asarray(weights)
         if w.ndim != 2 or not np.isin(w, (-1, 1)).all():
@@ -294,9 +298,10 @@ class MVTU(wiring.Component):
         advance = Signal()            # the whole pipeline moves this cycle
         waddr = Signal(range(nf * sf))   # = nf_a*SF + sf_a, kept as a counter (no multiplier)
         wwidth = self.weight_word_width
-        if self.weights_storage == "rom":
+        if self.weights_storage in ("rom", "lut"):
+            attrs = {"rom_style": "logic"} if self.weights_storage == "lut" else None
             m.submodules.wmem = wmem = memory.Memory(shape=unsigned(wwidth), depth=nf * sf,
-                                                     init=self.weight_words())
+                                                     init=self.weight_words(), attrs=attrs)
             w_rd = wmem.read_port()
             w_data = w_rd.data
             m.d.comb += [w_rd.addr.eq(waddr), w_rd.en.eq(advance)]

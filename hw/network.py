@@ -61,7 +61,7 @@ class Stage:
     simd: int = None
     params: dict = field(default_factory=dict)
     carries: str = None       # for stages that implement no layer: the layer whose values they carry
-    weights: str = None       # MVTU stages: "rom" (initialised) or "ram" (loaded at run time)
+    weights: str = None       # MVTU stages: "rom" (initialised), "lut" (initialised, LUT logic) or "ram" (loaded)
 
     @property
     def kind(self):
@@ -146,9 +146,8 @@ def plan_network(qmd, folding):
             if storage != "rom" and (ternary_w or pow2_w):
                 where = str(qmd.path / "folding.json") if qmd.path else "folding"
                 engine = "zero-skip ternary" if ternary_w else "shift-add"
-                raise QnnfabError(f"layer '{layer.name}' field 'weights': run-time loaded (\"ram\") weights are "
-                                  f"supported for binary weights only; the {engine} engine keeps its "
-                                  "weights in ROM", where=where)
+                raise QnnfabError(f"layer '{layer.name}' field 'weights': {storage!r} weights are supported for "
+                                  f"binary weights only; the {engine} engine keeps its weights in ROM", where=where)
             if ternary_w:
                 sched = ternary_schedule(layer.weights, pe, simd)
                 stages.append(Stage(layer.name, "ternary_mvtu", fused, simd, pe, windows * m, out_shape, out_act,

@@ -97,7 +97,7 @@ def _table(headers, rows):
 def weight_load_line(load):
     """One markdown line saying which layers are loaded at run time and how much."""
     if not load["layers"]:
-        return "Weights: all in initialised block RAM (nothing to load at run time)."
+        return "Weights: all initialised in the bitstream (nothing to load at run time)."
     return (f"Weights loaded at run time (`'W'` + {load['bytes']:,} bytes over the UART, {load['bits']:,} bits): "
             + ", ".join(f"`{n}`" for n in load["layers"]) + "; the other layers' weights are in the bitstream.")
 

@@ -120,10 +120,17 @@ def logic_terms(s):
         chunk = 16 if s.engine == "xnor_mvtu" else 4
         chunk_width = bits_for(chunk) if s.engine == "xnor_mvtu" else bits_for(chunk * (1 << in_bits)) + 1
         pipeline = s.pe * s.simd + s.simd * in_bits + s.pe * -(-s.simd // chunk) * chunk_width
+        # "lut" weights: every bit of the PE*SIMD-bit word a function of the address (a LUT4
+        # per 16 words, joined by the PFUMX/L6MUX muxes), plus the read port's data register.
+        # A memory small or shallow enough for LUTs anyway is built so from "rom" too (Yosys maps
+        # it identically; the calibrated lane terms cover it), so only a deeper one adds logic
+        width, depth = s.pe * s.simd, m * n // (s.pe * s.simd)
+        deep = width * depth > LUTRAM_BITS and depth > LUTRAM_DEPTH
+        lut_rom = width * -(-depth // 16) if s.weights == "lut" and deep else 0
         return ({"lanes": s.pe * s.simd * in_bits, "pe_acc": s.pe * acc, "compare": s.pe * acc * n_thr,
-                 "counters": folds, "one": 1},
+                 "counters": folds, "lut_rom": lut_rom, "one": 1},
                 {"pe_acc": s.pe * acc, "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits,
-                 "pipeline": pipeline, "counters": folds, "one": 1})
+                 "pipeline": pipeline, "counters": folds, "lut_rom": s.pe * s.simd if lut_rom else 0, "one": 1})
     lanes = max(s.in_lanes, s.out_lanes)
     width = s.out_shape.width if s.out_shape is not None else 8
     if s.engine == "threshold_unit":
@@ -146,8 +153,8 @@ def logic_terms(s):
 
 
 DEFAULT_COEFFICIENTS = {
-    "mvtu": ({"lanes": 2, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
-             {"pe_acc": 1, "pe_out": 1, "input": 1, "pipeline": 1, "counters": 3, "one": 0}),
+    "mvtu": ({"lanes": 2, "pe_acc": 2, "compare": 1, "counters": 4, "lut_rom": 1.25, "one": 0},
+             {"pe_acc": 1, "pe_out": 1, "input": 1, "pipeline": 1, "counters": 3, "lut_rom": 1, "one": 0}),
     "ternary_mvtu": ({"lanes": 1, "reduce": 1, "compare": 1, "scale": 1, "one": 0},
                      {"lanes": 1, "pe": 1, "one": 16}),
     "shift_mvtu": ({"term_bits": 1, "pe_acc": 2, "compare": 1, "counters": 4, "one": 0},
@@ -225,6 +232,8 @@ def bram_blocks(width, depth, family, kind="rom"):
     """Block-RAM blocks for one ``width x depth`` memory (0 if it goes to LUT RAM/FFs);
     returns ``(blocks, bits per block)``."""
     bits, configs = SPRAM_CONFIG if (kind == "ram" and family == "ice40") else BRAM_CONFIGS[family]
+    if kind == "lut":             # built from LUTs (rom_style = "logic"): counted in the logic terms
+        return 0, bits
     if (width * depth <= LUTRAM_BITS or depth <= LUTRAM_DEPTH) and kind != "ram":
         return 0, bits
     return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in configs), bits

@@ -68,7 +68,7 @@ class ShiftMVTU(MVTU):
     in_range : ``(lo, hi)`` of the input values (default: every code of ``in_shape``)
     pipelined : register the term select and every adder level (default; fewer LUTs in Yosys'
         mapping, ``partial_stages`` cycles more latency, the same throughput)
-    weights_storage : ``"rom"`` or ``"ram"`` (loaded at run time, as in :class:`hw.mvtu.MVTU`)
+    weights_storage : ``"rom"``, ``"lut"`` or ``"ram"`` (as in :class:`hw.mvtu.MVTU`)
     """
 
     datapath = "shift"
@@ -76,7 +76,7 @@ class ShiftMVTU(MVTU):
     def __init__(self, codes, *, code_bits, exponent_offset, pe, simd, thresholds=None, direction=None,
                  in_shape=unsigned(8), in_code=(1, 0), in_range=None, pipelined=True, weights_storage="rom"):
         if weights_storage not in WEIGHT_STORAGE:
-            raise ValueError(f"weights_storage must be 'rom' or 'ram', got {weights_storage!r}")
+            raise ValueError(f"weights_storage must be 'rom', 'lut' or 'ram', got {weights_storage!r}")
         self.weights_storage = weights_storage
         for name, v, (lo, hi) in (("code_bits", code_bits, POW2_CODE_BITS),
                                   ("exponent_offset", exponent_offset, (0, POW2_EXPONENT_MAX))):

@@ -24,9 +24,11 @@ def _reference(x, w, thr, direction):
     return met.sum(-1)
 
 
-def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0, in_shape=None, pipelined=True):
+def _run(w, x, pe, simd, thr=None, direction=None, stall=0.0, seed=0, in_shape=None, pipelined=True,
+         weights_storage="rom"):
     m, n = w.shape
-    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=in_shape, pipelined=pipelined)
+    dut = MVTU(w, pe=pe, simd=simd, thresholds=thr, direction=direction, in_shape=in_shape, pipelined=pipelined,
+               weights_storage=weights_storage)
     enc = (lambda v: (v + 1) // 2) if in_shape is None else (lambda v: v)
     width = 1 if in_shape is None else in_shape.width
     beats = [pack(enc(v[s * simd:(s + 1) * simd]), width) for v in x for s in range(n // simd)]
@@ -228,8 +230,27 @@ def test_ram_weights_reload_replaces_them():
 
 
 def test_bad_weight_storage_is_rejected():
-    with pytest.raises(ValueError, match="weights_storage must be 'rom' or 'ram', got 'flash'"):
+    with pytest.raises(ValueError, match="weights_storage must be 'rom', 'lut' or 'ram', got 'flash'"):
         MVTU(np.ones((4, 4), dtype=int), pe=2, simd=2, weights_storage="flash")
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("in_shape", [None, signed(4)])
+def test_lut_weights_are_bit_exact_and_marked_for_logic(seed, in_shape):
+    """``"lut"`` weights: the same initialised memory, marked ``rom_style = "logic"`` so Yosys
+    builds it from LUTs; the engine computes the same integers under stalls."""
+    from amaranth.back import rtlil
+    rng = np.random.default_rng(90 + seed)
+    m, n = int(rng.choice([4, 6, 8])), int(rng.choice([8, 12, 16]))
+    pe, simd = _divisor(rng, m), _divisor(rng, n)
+    w = rng.choice([-1, 1], size=(m, n))
+    x = rng.choice([-1, 1], size=(5, n)) if in_shape is None else rng.integers(-8, 8, (5, n))
+    got, _, dut = _run(w, x, pe, simd, stall=0.3, seed=seed, in_shape=in_shape, weights_storage="lut")
+    assert np.array_equal(got, x @ w.T)
+    text = rtlil.convert(dut)
+    assert 'attribute \\rom_style "logic"' in text
+    plain = rtlil.convert(MVTU(w, pe=pe, simd=simd, in_shape=in_shape))
+    assert "rom_style" not in plain
 
 
 @pytest.mark.parametrize("seed", range(3))

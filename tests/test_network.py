@@ -145,8 +145,8 @@ def _write_folding(d, layers):
      "layer 'fc9': no such layer"),
     ({"fc0": {"pe": "2", "simd": 4}, "fc1": {"pe": 1, "simd": 1}}, "field 'pe': must be a positive integer"),
     ({"fc0": {"pe": 2, "simd": 4, "weights": "flash"}, "fc1": {"pe": 1, "simd": 1}},
-     "layer 'fc0' field 'weights': must be \"rom\" (initialised block RAM) or \"ram\" (loaded at run time), "
-     "got 'flash'"),
+     "layer 'fc0' field 'weights': must be \"rom\" (initialised block RAM), \"lut\" (initialised, built from "
+     "LUTs) or \"ram\" (loaded at run time), got 'flash'"),
     ({"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 1, "weight": "ram"}},
      "layer 'fc1' field 'weight': unknown field (known: pe, simd, weights)"),
 ])
@@ -165,6 +165,31 @@ def test_folding_weights_field_defaults_to_rom(tmp_path):
     folding = load_folding(tmp_path / "folding.json", qmd)
     assert folding == {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 1, "weights": "rom"}}
     assert [s.weights for s in plan_network(qmd, folding) if s.engine == "xnor_mvtu"] == ["ram", "rom"]
+
+
+def test_lut_weights_are_logic_not_block_ram(tmp_path):
+    """``"weights": "lut"``: planned and estimated as logic (no block RAM, a LUT per bit per 16
+    words on top of the ROM engine), and not counted against a device's EBR."""
+    from boards.synth import check_weights_fit
+    from boards.targets import get_device
+    from hw.report import estimate_stage
+    qmd = random_binary_mlp(tmp_path, [288, 64, 10], seed=2)
+    rom = {"fc0": {"pe": 4, "simd": 32, "weights": "rom"}, "fc1": {"pe": 2, "simd": 8}}
+    lut = {"fc0": rom["fc0"] | {"weights": "lut"}, "fc1": rom["fc1"]}
+    s_rom, s_lut = (next(s for s in plan_network(qmd, f) if s.name == "fc0") for f in (rom, lut))
+    assert s_lut.weights == "lut" and s_lut.cycles_per_frame == s_rom.cycles_per_frame
+    e_rom, e_lut = estimate_stage(s_rom), estimate_stage(s_lut)
+    assert e_rom["bram_blocks"] > 0 and e_lut["bram_blocks"] == 0
+    assert e_lut["weight_bits"] == e_rom["weight_bits"] == 288 * 64
+    assert e_lut["luts"] - e_rom["luts"] == pytest.approx(1.25 * 4 * 32 * 9, abs=2)    # 144 words: 9 LUT4s a bit
+    # fc1 (64 bits x 40 words) is logic either way: "lut" changes nothing there
+    f1 = [next(s for s in plan_network(qmd, f) if s.name == "fc1") for f in (rom, lut | {"fc1": rom["fc1"] | {"weights": "lut"}})]
+    assert estimate_stage(f1[0]) == estimate_stage(f1[1])
+    tiny = get_device("25f").__class__("x", "ecp5", "TINY", "p", "6", luts=10, ffs=10, ebr_blocks=1, ebr_bits=1024)
+    with pytest.raises(QnnfabError, match="ROM weights"):
+        check_weights_fit(plan_network(qmd, rom), tiny, "m")
+    lut["fc1"] = lut["fc1"] | {"weights": "lut"}
+    assert check_weights_fit(plan_network(qmd, lut), tiny, "m") == 288 * 64 + 64 * 10
 
 
 def test_neighbouring_widths_that_do_not_divide_are_rejected(tmp_path):
@@ -210,9 +235,11 @@ def test_run_time_weights_on_a_ternary_layer_are_refused(tmp_path):
     from models.synthetic import random_ternary_mlp
     qmd = random_ternary_mlp(tmp_path, [16, 8, 4], density=0.5, seed=1)
     folding = {"fc0": {"pe": 2, "simd": 4, "weights": "ram"}, "fc1": {"pe": 1, "simd": 2}}
-    with pytest.raises(QnnfabError, match=r"layer 'fc0' field 'weights': run-time loaded \("
-                                          r"\"ram\"\) weights are supported for binary weights only"):
-        plan_network(qmd, folding)
+    for storage in ("ram", "lut"):
+        folding["fc0"]["weights"] = storage
+        with pytest.raises(QnnfabError, match=rf"layer 'fc0' field 'weights': '{storage}' weights are supported "
+                                              r"for binary weights only"):
+            plan_network(qmd, folding)
     folding["fc0"]["weights"] = "rom"
     assert [s.weights for s in plan_network(qmd, folding) if s.engine == "ternary_mvtu"] == ["rom", "rom"]
 
