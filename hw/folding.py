@@ -8,7 +8,7 @@ Every ``dense`` and ``conv2d`` layer needs an entry: ``pe`` must divide its outp
 (features or channels) and ``simd`` its fan-in (features, or K*K*Cin window elements;
 for a convolution SIMD must also divide Cin). ``weights`` is optional: ``"rom"`` (the
 default: weights initialised in block RAM by the bitstream), ``"lut"`` (initialised too, but
-built from LUTs: for shallow, wide weight memories; binary-weight engines) or ``"ram"`` (an
+built from LUTs, which moves a ROM deeper than 64 words out of block RAM; binary-weight engines) or ``"ram"`` (an
 uninitialised single-port RAM, SPRAM on an iCE40 UltraPlus, loaded at run time).
 Errors name the file, the layer and the field.
 

@@ -42,9 +42,9 @@ Weight storage (``weights_storage=``, from the folding's ``"weights"``)
   ``"rom"``: a ``lib.memory`` initialised with :meth:`MVTU.weight_words` (block RAM/ROM
   in the bitstream).
   ``"lut"``: the same initialised memory with ``rom_style = "logic"``: Yosys builds it from
-  LUTs (each output bit a function of the address) instead of block RAM, for shallow, wide
-  weight memories (a few words of ``PE*SIMD`` bits) that would occupy many block RAMs for
-  few bits and crowd the routing around them.
+  LUTs (each output bit a function of the address) instead of block RAM. Yosys does that
+  for a ROM of at most 64 words or 1,024 bits anyway; the mark moves a deeper ROM out of
+  block RAM (and the routing around it) for ~1.25 LUTs per bit per 16 words.
   ``"ram"``: an uninitialised :class:`hw.spram.SinglePortRAM` (SB_SPRAM256KA on an
   iCE40 UltraPlus) with one address, loaded at run time through the extra ports
   ``load`` (``In``, a stream of ``PE*SIMD``-bit words: the ``NF*SF`` words of
@@ -62,9 +62,9 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from hw.arith import bits_for, ge_threshold_count, popcount, sum_tree, to_ge_thresholds
+from hw.folding import WEIGHT_STORAGE
 from hw.spram import SinglePortRAM
 
-WEIGHT_STORAGE = ("rom", "ram", "lut")
 
 
 def _shape_range(shape):

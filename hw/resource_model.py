@@ -125,8 +125,7 @@ def logic_terms(s):
         # A memory small or shallow enough for LUTs anyway is built so from "rom" too (Yosys maps
         # it identically; the calibrated lane terms cover it), so only a deeper one adds logic
         width, depth = s.pe * s.simd, m * n // (s.pe * s.simd)
-        deep = width * depth > LUTRAM_BITS and depth > LUTRAM_DEPTH
-        lut_rom = width * -(-depth // 16) if s.weights == "lut" and deep else 0
+        lut_rom = width * -(-depth // 16) if s.weights == "lut" and takes_block_ram(width, depth) else 0
         return ({"lanes": s.pe * s.simd * in_bits, "pe_acc": s.pe * acc, "compare": s.pe * acc * n_thr,
                  "counters": folds, "lut_rom": lut_rom, "one": 1},
                 {"pe_acc": s.pe * acc, "pe_out": s.pe * s.out_shape.width, "input": s.simd * in_bits,
@@ -228,13 +227,18 @@ def memories(s):
     return []
 
 
+def takes_block_ram(width, depth):
+    """Whether Yosys gives an initialised ``width x depth`` memory block RAM (else LUTs/FFs)."""
+    return width * depth > LUTRAM_BITS and depth > LUTRAM_DEPTH
+
+
 def bram_blocks(width, depth, family, kind="rom"):
     """Block-RAM blocks for one ``width x depth`` memory (0 if it goes to LUT RAM/FFs);
     returns ``(blocks, bits per block)``."""
     bits, configs = SPRAM_CONFIG if (kind == "ram" and family == "ice40") else BRAM_CONFIGS[family]
     if kind == "lut":             # built from LUTs (rom_style = "logic"): counted in the logic terms
         return 0, bits
-    if (width * depth <= LUTRAM_BITS or depth <= LUTRAM_DEPTH) and kind != "ram":
+    if not takes_block_ram(width, depth) and kind != "ram":
         return 0, bits
     return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in configs), bits
 
