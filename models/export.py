@@ -35,7 +35,7 @@ from models.nets import CNV, SFC, build_model
 from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
 from models.reference import EVAL_BATCH, ReferenceModel
-from models.train import THREADS, checkpoint_path, load_checkpoint
+from models.train import THREADS, checkpoint_path, load_checkpoint, total_epochs
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import DATA_DIR, REPO_ROOT, ZOO_DIR
 
@@ -357,8 +357,8 @@ def export(model_name, run_dir=None, out_dir=None):
     if cfg["net_args"].get("weight") == "float":
         raise QnnfabError(f"'{model_name}' is a float baseline: it trains (make train) and is evaluated as "
                           "another model's float_baseline_accuracy, but has no integer description to export")
-    if ck["epoch"] < cfg["epochs"]:
-        print(f"warning: exporting a partially trained model ({ck['epoch']}/{cfg['epochs']} epochs)",
+    if ck["epoch"] < total_epochs(cfg):
+        print(f"warning: exporting a partially trained model ({ck['epoch']}/{total_epochs(cfg)} epochs)",
               file=sys.stderr)
     images, labels = load_dataset(cfg["dataset"], "test")
     float_cls = float_model_predictions(model, images)
@@ -372,6 +372,8 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["augment_flip"] = True
     if cfg.get("init_from"):
         recipe["init_from"] = cfg["init_from"]      # the checkpoint it was fine-tuned from
+    if cfg.get("restarts"):
+        recipe["restarts"] = cfg["restarts"]        # warm restarts after the main cosine cycle
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,

@@ -2,7 +2,7 @@
 
 ``python -m models.train --model bnn_mnist`` trains with the recipe in
 :data:`models.nets.MODELS` and writes ``runs/<model>/ckpt.pt`` after every epoch
-(model, optimizer, LR schedule, epoch, RNG state, best test accuracy, history).
+(model, optimizer, epoch, RNG state, best test accuracy, history).
 Running it again resumes where it stopped and follows the same schedule; a finished
 run is left as it is. Adam with a cosine learning-rate schedule (stepped per
 epoch); latent binary weights are clipped to [-1, 1] after each step and get no weight
@@ -23,10 +23,18 @@ shape: the float baseline's weights become the latent weights, its batch norms a
 ``inq_schedule`` ``[[epoch, fraction], ...]`` freezes that fraction of every power-of-two
 layer's weights, largest first, at the start of each listed epoch (INQ; fraction 1 at the
 end makes the model integer-exact again).
+
+The learning rate follows a cosine from ``lr`` to ``lr_min`` over ``epochs``; a recipe's
+``restarts`` ``[[epochs, lr], ...]`` appends warm restarts (SGDR): after the main cycle, each
+entry is another cosine cycle from its ``lr`` down to ``lr_min`` over its ``epochs``, continuing
+from the current weights and Adam moments. Appending a restart to a recipe keeps its checkpoints
+resumable (the schedule of the epochs already trained is unchanged), so a finished run that fell
+short of its accuracy goal can be trained on without starting over.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -105,7 +113,49 @@ def _recipe(cfg):
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
         {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit", "init_from",
-                             "inq_schedule") if cfg.get(k)}
+                             "inq_schedule", "restarts") if cfg.get(k)}
+
+
+def _cycles(cfg):
+    """The learning-rate cycles of a recipe: ``[(first_epoch, epochs, peak_lr), ...]``, the main
+    cosine cycle first, then its ``restarts``."""
+    cycles, first = [(0, cfg["epochs"], cfg["lr"])], cfg["epochs"]
+    for n, lr in cfg.get("restarts", []):
+        cycles.append((first, n, lr))
+        first += n
+    return cycles
+
+
+def total_epochs(cfg):
+    """Epochs of the whole run: the main cycle plus every restart."""
+    first, n, _ = _cycles(cfg)[-1]
+    return first + n
+
+
+def lr_at(cfg, epoch):
+    """The learning rate of (0-based) ``epoch``: cosine annealing from the cycle's peak to
+    ``lr_min`` within the cycle that contains it (:func:`_cycles`)."""
+    for first, n, peak in _cycles(cfg):
+        if epoch < first + n:
+            return cfg["lr_min"] + (peak - cfg["lr_min"]) * (1 + math.cos(math.pi * (epoch - first) / n)) / 2
+    raise ValueError(f"epoch {epoch} is past the run's {total_epochs(cfg)} epochs")
+
+
+def _validate_restarts(model_name, cfg):
+    restarts = cfg.get("restarts", [])
+    ok = isinstance(restarts, list) and all(
+        isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], int) and r[0] >= 1
+        and isinstance(r[1], (int, float)) and r[1] > 0 for r in restarts)
+    if not ok:
+        raise QnnfabError(f"{model_name}: restarts must be a list of [epochs >= 1, lr > 0] pairs, got {restarts!r}")
+
+
+def _resumable(ck_recipe, recipe):
+    """Whether a checkpoint trained under ``ck_recipe`` continues under ``recipe``: the same
+    recipe, except that ``recipe`` may append warm restarts to the checkpoint's."""
+    a, b = dict(ck_recipe), dict(recipe)
+    ra, rb = a.pop("restarts", []), b.pop("restarts", [])
+    return a == b and rb[:len(ra)] == ra
 
 
 def init_from_checkpoint(model, path):
@@ -251,6 +301,8 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         if epochs < 1:
             raise QnnfabError(f"--epochs must be at least 1, got {epochs}")
         cfg["epochs"] = int(epochs)
+    _validate_restarts(model_name, cfg)
+    n_epochs = total_epochs(cfg)
     snap = None if run_dir else snapshot_path(model_name)
     run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,23 +324,21 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     clip_latent_weights(model)
     step_model = torch.compile(model) if compile_model else model
     opt = _make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"], eta_min=cfg["lr_min"])
     start, best, history, elapsed = 0, 0.0, [], 0.0
 
     if not fresh:
         ck = load_checkpoint(resume_path)
-        if ck["recipe"] != recipe or ck["seed"] != seed:
+        if not _resumable(ck["recipe"], recipe) or ck["seed"] != seed:
             raise QnnfabError("checkpoint was trained with a different recipe or seed "
                               f"(checkpoint: seed {ck['seed']}, epochs {ck['recipe'].get('epochs')}); "
                               "use --no-resume to start over, or another --run-dir", where=str(resume_path))
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng_state"])
         start, best, history = ck["epoch"], ck["best_test_accuracy"], ck["history"]
         elapsed = ck.get("train_seconds", 0.0)
-        print(f"resuming {model_name} from epoch {start}/{cfg['epochs']} ({resume_path})", flush=True)
-    if start >= cfg["epochs"]:
+        print(f"resuming {model_name} from epoch {start}/{n_epochs} ({resume_path})", flush=True)
+    if start >= n_epochs:
         print(f"{model_name}: already trained for {start} epochs (test accuracy "
               f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
         return _summary(model_name, cfg, resume_path, history, best, elapsed)
@@ -298,7 +348,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     bs = cfg["batch_size"]
     n_batches = (len(xtr) + bs - 1) // bs
 
-    end = cfg["epochs"] if stop_after is None else min(cfg["epochs"], start + stop_after)
+    end = n_epochs if stop_after is None else min(n_epochs, start + stop_after)
     for epoch in range(start, end):
         t0 = time.time()
         if cfg.get("inq_schedule"):
@@ -308,9 +358,11 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         model.train()
         # the shuffle depends only on (seed, epoch), so a resumed run sees the same batches
         perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        lr = opt.param_groups[0]["lr"]
+        lr = lr_at(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
         tot_loss, tot_correct = 0.0, 0
-        bar = tqdm(range(n_batches), desc=f"{model_name} epoch {epoch + 1}/{cfg['epochs']}",
+        bar = tqdm(range(n_batches), desc=f"{model_name} epoch {epoch + 1}/{n_epochs}",
                    leave=False, disable=not progress, mininterval=2.0, file=sys.stderr)
         for b in bar:
             idx = perm[b * bs:(b + 1) * bs]
@@ -326,7 +378,6 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
-        sched.step()
         test_acc = evaluate(model, xte, yte)
         best = max(best, test_acc)
         secs = time.time() - t0
@@ -336,14 +387,14 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
                         "seconds": round(secs, 2)})
         ck = {"model_name": model_name, "config": cfg, "recipe": recipe, "seed": seed,
               "model": model.state_dict(), "optimizer": opt.state_dict(),
-              "scheduler": sched.state_dict(), "epoch": epoch + 1,
+              "epoch": epoch + 1,
               "rng_state": torch.get_rng_state(), "best_test_accuracy": best,
               "history": history, "train_seconds": elapsed,
               "torch_version": str(torch.__version__)}
         _save_atomic(ck, ckpt_path)
         if snap is not None:
             write_snapshot(ck, snap)
-        print(f"{model_name} epoch {epoch + 1}/{cfg['epochs']}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
+        print(f"{model_name} epoch {epoch + 1}/{n_epochs}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
               f"train acc {tot_correct / len(xtr):.4f} test acc (float QAT) {test_acc:.4f} "
               f"best {best:.4f} [{secs:.1f} s]", flush=True)
     return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
@@ -351,7 +402,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
 
 def _summary(model_name, cfg, ckpt_path, history, best, elapsed):
     return {"model": model_name, "checkpoint": str(ckpt_path), "epochs_done": len(history),
-            "epochs": cfg["epochs"], "test_accuracy": history[-1]["test_accuracy"] if history else None,
+            "epochs": total_epochs(cfg), "test_accuracy": history[-1]["test_accuracy"] if history else None,
             "best_test_accuracy": best, "train_seconds": elapsed}
 
 

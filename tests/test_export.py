@@ -283,3 +283,42 @@ def test_shipped_bnn_mnist_reaches_its_recorded_integer_accuracy(mnist_test):
     assert prov["dataset"] == "mnist, ../shared/data/mnist.npz, 10,000 test images"
     for key in ("epochs", "seed", "torch_version", "exported"):
         assert key in prov
+
+
+def test_warm_restarts_extend_a_finished_run_and_keep_its_checkpoint_resumable(tmp_path, tiny_registry,
+                                                                               monkeypatch):
+    """Appending ``restarts`` to a finished run's recipe trains on from its checkpoint: each
+    restart is a new cosine cycle from its own peak learning rate, the first cycle's epochs
+    are kept as they were, and a recipe that changes the trained part is still refused."""
+    from models.train import lr_at, total_epochs
+    run = tmp_path / "run"
+    first = train(tiny_registry, run_dir=run, seed=3, progress=False)
+    assert first["epochs_done"] == 3
+    before = load_checkpoint(run / "ckpt.pt")
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "restarts", [[2, 0.004]])
+    cfg = nets.model_config(tiny_registry)
+    assert total_epochs(cfg) == 5
+    assert [lr_at(cfg, e) for e in range(5)] == pytest.approx([0.01, 0.0075, 0.0025, 0.004, 0.002])
+    s = train(tiny_registry, run_dir=run, seed=3, progress=False)
+    assert s["epochs_done"] == 5 and s["epochs"] == 5
+    after = load_checkpoint(run / "ckpt.pt")
+    assert after["history"][:3] == before["history"]
+    assert [h["lr"] for h in after["history"][3:]] == pytest.approx([0.004, 0.002])
+    assert after["recipe"]["restarts"] == [[2, 0.004]]
+    assert s["test_accuracy"] > 0.5
+    # the same, in one uninterrupted run, gives the same weights
+    straight = train(tiny_registry, run_dir=tmp_path / "straight", seed=3, progress=False)
+    assert straight["epochs_done"] == 5
+    b = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    for key in after["model"]:
+        assert torch.equal(after["model"][key], b["model"][key]), key
+    # a changed restart that was already trained, or a malformed one, is refused
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "restarts", [[2, 0.003]])
+    with pytest.raises(QnnfabError, match="different recipe or seed"):
+        train(tiny_registry, run_dir=run, seed=3, progress=False)
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "restarts", [[0, 0.003]])
+    with pytest.raises(QnnfabError, match=r"restarts must be a list of \[epochs >= 1, lr > 0\] pairs"):
+        train(tiny_registry, run_dir=run, seed=3, progress=False)
+    summary = export(tiny_registry, run_dir=run, out_dir=tmp_path / "q")
+    assert load_qmd(tmp_path / "q").provenance["recipe"]["restarts"] == [[2, 0.004]]
+    assert load_qmd(tmp_path / "q").provenance["epochs"] == 5 and summary["qat_accuracy"] > 0.5
