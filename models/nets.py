@@ -301,6 +301,9 @@ MODELS = {
         "weight_decay": 0.0,
         "augment_shift": 4,     # random crop of the 4-pixel zero-padded image
         "augment_flip": True,   # random horizontal flip
+        # the 50-epoch cycle ended at 76.9% test accuracy with 76.9% train accuracy (under-trained,
+        # not over-fitted); a warm restart trains on from it at 40% of the first peak
+        "restarts": [[30, 0.002]],
         "description": ("FINN CNV W1A1 convolutional network for CIFAR-10: uint8 RGB input, "
                         "3x3 valid convolutions 64-64-pool-128-128-pool-256-256 and dense "
                         "256-512-512-10, binary weights and activations, batch norm (and the "
