@@ -21,7 +21,7 @@ from amaranth.hdl import ClockDomain, ClockSignal, DomainRenamer, Module, ResetS
 from amaranth.lib import wiring
 
 from hw.network import Accelerator, frame_cycles, weight_image
-from models.reference import ReferenceModel
+from models.reference import EVAL_BATCH, ReferenceModel
 from qnnfab.errors import QnnfabError
 from qnnfab.tools import require_program, verilator_env
 from sim.rtl import write_verilog
@@ -217,8 +217,8 @@ def simulate_all(qmd, folding, images, labels, work_dir, jobs=None):
 
     ref = ReferenceModel(qmd)
     ref_cls, ref_logits = [], []
-    for i in range(0, frames, 1000):
-        trace = ref.trace(images[i:i + 1000])
+    for i in range(0, frames, EVAL_BATCH):
+        trace = ref.trace(images[i:i + EVAL_BATCH])
         ref_cls.append(trace[qmd.layers[-1].name].numpy())
         ref_logits.append(trace[qmd.layers[-2].name].numpy())
     ref_cls, ref_logits = np.concatenate(ref_cls), np.concatenate(ref_logits)

@@ -98,3 +98,21 @@ def test_input_out_of_range_is_rejected(tmp_path):
     qmd = random_binary_mlp(tmp_path, [8, 4], seed=0)
     with pytest.raises(ValueError, match="expected"):
         ReferenceModel(qmd).trace(np.zeros((2, 9, 1)))
+
+
+def test_products_run_in_float32_only_where_the_bound_makes_it_exact(tmp_path, monkeypatch):
+    """Every product layer of these models is bounded below 2^24, so it runs in float32; with
+    the float32 limit lowered to nothing the same layers run in float64, and both equal the spec."""
+    import torch
+    import models.reference as reference
+    qmd = random_ternary_cnn(tmp_path, act="uint2", ttq=True, seed=11)
+    images = np.random.default_rng(1).integers(0, 256, (3,) + tuple(qmd.input_shape)).astype(np.uint8)
+    fast = ReferenceModel(qmd)
+    assert set(fast._dtype.values()) == {torch.float32}
+    monkeypatch.setattr(reference, "_EXACT_F32", 0)
+    wide = ReferenceModel(qmd)
+    assert set(wide._dtype.values()) == {torch.float64}
+    a, b = fast.trace(images), wide.trace(images)
+    for i, image in enumerate(images):
+        for name, expect in _spec_run(qmd, image).items():
+            assert np.array_equal(a[name][i].numpy(), expect) and np.array_equal(b[name][i].numpy(), expect), name
