@@ -85,8 +85,6 @@ def synth_markdown(rep, svg_name):
                                                  f"{'met' if rep['timing_met'] else 'NOT met'})"
                                                  if rep.get("target_mhz") else "")
          if fmax else "- Fmax: not available (place-and-route did not finish)"),
-        *([f"- placement density cap (nextpnr --placer-heap-beta): {rep['placer_density']:g}"]
-          if rep.get("placer_density") is not None else []),
         f"- cycles per frame (analytic): {rep['cycles_per_frame']:,}, bottleneck `{rep['bottleneck']}`",
         f"- frames/s at Fmax: **{rep['fps']:,.0f}**" if rep.get("fps") else "- frames/s: n/a",
         f"- weights: {rep['weight_bits']:,} bits; " + _load_text(rep.get("weight_load")),
