@@ -44,6 +44,11 @@ _CELLS = {
 # nextpnr's router per family: router1 did not converge on the CNV on an ECP5-85F in 25 min;
 # router2 looped for 36,000 iterations over 2 overused wires on bnn_mnist on the UP5K
 ROUTER = {"ecp5": "router2", "ice40": "router1"}
+# nextpnr's placer per family: on the CNV on an ECP5-85F, HeAP packed the logic into about half
+# the die and router2 still had 8,009 overused wires after 6 iterations (3,679 after 16, ~70 min),
+# while the electrostatic placer spread it and router2 converged in 42 iterations (262 s) to a
+# routed 43.00 MHz (HeAP's placement estimate had been 55.04 MHz, static's 50.53 MHz)
+PLACER = {"ecp5": "static", "ice40": "heap"}
 
 
 def tool(name):
@@ -238,7 +243,7 @@ def synthesize(qmd, folding, target, out, seed=1):
 
     cmd = [nextpnr, *dev.nextpnr_device_args(), "--json", "top.json", "--report", "report.json",
            "--seed", str(seed), "--log", "nextpnr.log", "--quiet", "--timing-allow-fail",
-           "--router", ROUTER[dev.family]]
+           "--router", ROUTER[dev.family], "--placer", PLACER[dev.family]]
     if target.out_of_context:
         cmd += ["--freq", str(target.target_mhz)]
         cmd += ["--out-of-context"] if dev.family == "ecp5" else ["--pcf-allow-unconstrained"]
