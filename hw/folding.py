@@ -25,7 +25,7 @@ FORMAT = "qnnfab-folding"
 FILENAME = "folding.json"
 FOLDED_KINDS = ("dense", "conv2d")
 WEIGHT_STORAGE = ("rom", "ram", "lut")
-ENTRY_FIELDS = ("pe", "simd", "weights")
+ENTRY_FIELDS = ("pe", "simd", "weights", "register_output")
 
 
 def default_folding_path(model_dir, device=None):
@@ -89,5 +89,11 @@ def validate_folding(layers, qmd, where="<folding>"):
                 raise QnnfabError(f"layer '{layer.name}' field '{fld}': {total} {what} are not divisible by "
                                   f"{fld.upper()}={v} (divisors: {_divisors(total)})", where=where)
         out[layer.name] = {"pe": entry["pe"], "simd": entry["simd"], "weights": storage}
+        reg = entry.get("register_output", False)
+        if not isinstance(reg, bool):
+            raise QnnfabError(f"layer '{layer.name}' field 'register_output': must be true or false, got {reg!r}",
+                              where=where)
+        if reg:     # a register slice (hw.register_slice) on the layer's engine output stream
+            out[layer.name]["register_output"] = True
     return out
 

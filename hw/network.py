@@ -34,6 +34,7 @@ from hw.argmax_output import ArgmaxOutput, result_layout
 from hw.arith import bits_for
 from hw.maxpool import MaxPool
 from hw.mvtu import MVTU
+from hw.register_slice import StreamRegisterSlice
 from hw.shift_mvtu import ShiftMVTU
 from hw.sliding_window import SlidingWindow
 from hw.ternary_mvtu import TernaryMVTU, ternary_schedule
@@ -279,6 +280,9 @@ class Accelerator(wiring.Component):
     def __init__(self, qmd, folding, *, taps=False):
         self.qmd = qmd
         self.stages = plan_network(qmd, folding)
+        # stages whose output stream goes through a register slice (folding "register_output")
+        self.sliced = {s.name for s in self.stages if s.layers and s.engine.endswith("mvtu")
+                       and folding.get(s.layers[0].name, {}).get("register_output")}
         self.taps = taps
         first, last = self.stages[0], self.stages[-1]
         in_act = qmd.input_act
@@ -370,6 +374,10 @@ class Accelerator(wiring.Component):
                 tap = getattr(self, f"tap_{s.name}")
                 m.d.comb += [tap.valid.eq(eng.o.valid), tap.ready.eq(eng.o.ready), tap.payload.eq(eng.o.payload)]
             prev_out = eng.o
+            if s.name in self.sliced:
+                m.submodules[f"reg_{s.name}"] = reg = StreamRegisterSlice(eng.o.signature.members["payload"].shape)
+                wiring.connect(m, eng.o, reg.i)
+                prev_out = reg.o
         wiring.connect(m, prev_out, wiring.flipped(self.result))
         if loaded:
             m.submodules.weight_loader = loader = WeightLoader([(e.weight_word_width, e.nf * e.sf) for e in loaded])

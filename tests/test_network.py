@@ -148,7 +148,9 @@ def _write_folding(d, layers):
      "layer 'fc0' field 'weights': must be \"rom\" (initialised block RAM), \"lut\" (initialised, built from "
      "LUTs) or \"ram\" (loaded at run time), got 'flash'"),
     ({"fc0": {"pe": 2, "simd": 4}, "fc1": {"pe": 1, "simd": 1, "weight": "ram"}},
-     "layer 'fc1' field 'weight': unknown field (known: pe, simd, weights)"),
+     "layer 'fc1' field 'weight': unknown field (known: pe, simd, weights, register_output)"),
+    ({"fc0": {"pe": 2, "simd": 4, "register_output": 1}, "fc1": {"pe": 1, "simd": 1}},
+     "layer 'fc0' field 'register_output': must be true or false, got 1"),
 ])
 def test_bad_folding_is_one_clear_error(tmp_path, layers, message):
     qmd = random_binary_mlp(tmp_path, [16, 8, 4], seed=1)
@@ -251,3 +253,20 @@ def test_run_time_weights_on_a_pow2_layer_are_refused(tmp_path):
     with pytest.raises(QnnfabError, match=r"layer 'fc0' field 'weights': .* binary weights only; "
                                           r"the shift-add engine keeps its weights in ROM"):
         plan_network(qmd, folding)
+
+
+def test_register_slices_keep_results_exact_and_the_frame_interval(tmp_path):
+    """``register_output`` puts a register slice on every engine's output stream: the same
+    integers under random stalls, and no bubbles (the interval is still the slowest stage's)."""
+    shape, convs, folding = CNN_CASES[0]
+    sliced = {k: dict(v, register_output=True) for k, v in folding.items()}
+    qmd = random_binary_cnn(tmp_path, input_shape=shape, convs=convs, seed=0)
+    images = np.random.default_rng(2).integers(0, 256, (6,) + shape).astype(np.uint8)
+    cls, logits, _, acc = _simulate(qmd, sliced, images, stall=0.3, seed=4)
+    assert acc.sliced == {"conv0", "conv1", "fc"}
+    trace = ReferenceModel(qmd).trace(images)
+    assert np.array_equal(logits, trace["fc"].numpy()) and np.array_equal(cls, trace["class"].numpy())
+    _, _, cycles, acc = _simulate(qmd, sliced, images, stall=0.0, seed=0)
+    analytic = frame_cycles(acc.stages)
+    measured = np.diff(cycles)[2:]
+    assert abs(measured.mean() - analytic) <= 0.05 * analytic, (measured, analytic)

@@ -70,3 +70,15 @@ def test_argmax_output_first_maximum_and_logits(classes, lanes):
     got_logits = [unpack(w >> cls_w, 5, classes, signed=True) for w in out]
     assert got_cls == np.argmax(logits, axis=1).tolist()
     assert got_logits == logits.tolist()
+
+
+@pytest.mark.parametrize("in_stall, out_stall", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.5), (0.4, 0.4)])
+def test_register_slice_passes_every_beat_in_order_at_full_rate(in_stall, out_stall):
+    from hw.register_slice import StreamRegisterSlice
+    rng = np.random.default_rng(int(in_stall * 10 + out_stall * 100))
+    beats = rng.integers(0, 1 << 12, 200).tolist()
+    out, cycles = run_stream(StreamRegisterSlice(unsigned(12)), beats, len(beats),
+                             in_stall=in_stall, out_stall=out_stall, seed=3)
+    assert out == beats
+    if in_stall == out_stall == 0.0:      # one beat a cycle: no bubbles
+        assert np.diff(cycles).max() == 1
