@@ -35,7 +35,6 @@ class ReferenceModel:
     def __init__(self, qmd):
         self.qmd = qmd if isinstance(qmd, Qmd) else load_qmd(qmd)
         self._weights = {}
-        self._dtype = {}     # the float type each product layer runs in, exact for its bound
         for layer in self.qmd.layers:
             if layer.kind in ("dense", "conv2d"):
                 # signs, TTQ's pos_scale/-neg_scale/0, or pow2's Wq = sum of the terms' +-2^shift:
@@ -43,8 +42,8 @@ class ReferenceModel:
                 w = layer.int_weights
                 bound = max(abs(layer.in_act.lo), abs(layer.in_act.hi)) * int(np.abs(w).sum(axis=1).max())
                 assert bound < _EXACT_F64, f"{layer.name}: accumulator range too large for exact float64"
+                # the weights' float type is the one the layer's products run in, exact for its bound
                 dtype = torch.float32 if bound < _EXACT_F32 else torch.float64
-                self._dtype[layer.name] = dtype
                 self._weights[layer.name] = torch.from_numpy(w.astype(np.float64)).to(dtype)
 
     def trace(self, x):
@@ -75,7 +74,7 @@ class ReferenceModel:
         return layer.out_act.from_count(count)      # binary 2c-1, ternary c-1, uint c
 
     def _dense(self, layer, x):
-        flat = x.reshape(x.shape[0], -1).to(self._dtype[layer.name])
+        flat = x.reshape(x.shape[0], -1).to(self._weights[layer.name].dtype)
         y = flat @ self._weights[layer.name].T
         return y.round().to(torch.int64)
 
@@ -84,7 +83,7 @@ class ReferenceModel:
         k, cin = a["kernel"], a["in_channels"]
         # [Cout, K*K*Cin] in (ky, kx, c) order -> torch's [Cout, Cin, K, K]
         w = self._weights[layer.name].reshape(-1, k, k, cin).permute(0, 3, 1, 2)
-        xc = x.permute(0, 3, 1, 2).to(self._dtype[layer.name])          # NHWC -> NCHW
+        xc = x.permute(0, 3, 1, 2).to(self._weights[layer.name].dtype)          # NHWC -> NCHW
         if a["padding"]:
             p = a["padding"]
             xc = F.pad(xc, (p, p, p, p), value=float(a["pad_value"]))

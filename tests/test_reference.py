@@ -108,10 +108,10 @@ def test_products_run_in_float32_only_where_the_bound_makes_it_exact(tmp_path, m
     qmd = random_ternary_cnn(tmp_path, act="uint2", ttq=True, seed=11)
     images = np.random.default_rng(1).integers(0, 256, (3,) + tuple(qmd.input_shape)).astype(np.uint8)
     fast = ReferenceModel(qmd)
-    assert set(fast._dtype.values()) == {torch.float32}
+    assert {w.dtype for w in fast._weights.values()} == {torch.float32}
     monkeypatch.setattr(reference, "_EXACT_F32", 0)
     wide = ReferenceModel(qmd)
-    assert set(wide._dtype.values()) == {torch.float64}
+    assert {w.dtype for w in wide._weights.values()} == {torch.float64}
     a, b = fast.trace(images), wide.trace(images)
     for i, image in enumerate(images):
         for name, expect in _spec_run(qmd, image).items():
