@@ -66,7 +66,7 @@ synth: $(STAMP)
 	$(PY) -m qnnfab synth --model $(MODEL) --board $(BOARD) $(if $(TARGET_MHZ),--target-mhz $(TARGET_MHZ))
 
 fold: $(STAMP)
-	$(PY) -m qnnfab fold --model $(MODEL) $(if $(TARGET_FPS),--fps $(TARGET_FPS) --clock-mhz $(CLOCK_MHZ)) $(if $(DEVICE_BUDGET),--device $(DEVICE_BUDGET))
+	$(PY) -m qnnfab fold --model $(MODEL) $(if $(TARGET_FPS),--fps $(TARGET_FPS) --clock-mhz $(CLOCK_MHZ)) $(if $(DEVICE_BUDGET),--device $(DEVICE_BUDGET)) $(if $(REGISTER_OUTPUTS),--register-outputs $(REGISTER_OUTPUTS))
 
 calibrate: $(STAMP)
 	$(PY) -m boards.calibrate

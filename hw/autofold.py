@@ -63,11 +63,12 @@ def _lut_cost(layer, pe, simd):
     return pe * simd * in_bits * 2 + pe * math.ceil(math.log2(n + 1)) * 3
 
 
-def fold_for_cycles(qmd, target, ram=()):
+def fold_for_cycles(qmd, target, ram=(), register_output=False):
     """The least-parallel folding whose every layer takes at most ``target`` cycles per frame
     (a layer that cannot reach it gets its fastest folding). Layers named in ``ram`` get
     run-time loaded weights (``"weights": "ram"``, SPRAM on an iCE40 UltraPlus) and at least
-    the parallelism that keeps their weight memory within one SPRAM's 16K words."""
+    the parallelism that keeps their weight memory within one SPRAM's 16K words;
+    ``register_output`` puts a register slice on every layer's output stream."""
     if target < 1:
         raise QnnfabError(f"target frame interval must be at least 1 cycle, got {target}")
     folding, prev_pe = {}, None
@@ -86,15 +87,17 @@ def fold_for_cycles(qmd, target, ram=()):
         folding[layer.name] = {"pe": pe, "simd": simd}
         if layer.name in ram:
             folding[layer.name]["weights"] = "ram"
+        if register_output:
+            folding[layer.name]["register_output"] = True
         prev_pe = pe
     return folding
 
 
-def fold_for_fps(qmd, fps, clock_mhz):
+def fold_for_fps(qmd, fps, clock_mhz, register_output=False):
     """Folding for ``fps`` frames per second at ``clock_mhz``."""
     if fps <= 0 or clock_mhz <= 0:
         raise QnnfabError(f"TARGET_FPS and CLOCK_MHZ must be positive, got {fps} and {clock_mhz}")
-    return fold_for_cycles(qmd, int(clock_mhz * 1e6 // fps))
+    return fold_for_cycles(qmd, int(clock_mhz * 1e6 // fps), register_output=register_output)
 
 
 def estimate_totals(qmd, folding, family):
@@ -124,34 +127,35 @@ def _ram_choices(qmd, device):
     return [tuple(l.name for l in layers[:k]) for k in range(len(layers) + 1)]
 
 
-def _fastest_fitting(qmd, device, utilization, ram):
+def _fastest_fitting(qmd, device, utilization, ram, register_output):
     family = device.family
-    slowest = fold_for_cycles(qmd, 1 << 62, ram)
+    slowest = fold_for_cycles(qmd, 1 << 62, ram, register_output)
     if not fits(estimate_totals(qmd, slowest, family), device, utilization):
         return None
     lo = frame_cycles(plan_network(qmd, fold_for_cycles(qmd, 1, ram)))
     hi = frame_cycles(plan_network(qmd, slowest))
     while lo < hi:              # smallest feasible frame interval
         mid = (lo + hi) // 2
-        if fits(estimate_totals(qmd, fold_for_cycles(qmd, mid, ram), family), device, utilization):
+        if fits(estimate_totals(qmd, fold_for_cycles(qmd, mid, ram, register_output), family), device, utilization):
             hi = mid
         else:
             lo = mid + 1
-    return fold_for_cycles(qmd, hi, ram)
+    return fold_for_cycles(qmd, hi, ram, register_output)
 
 
-def fold_for_budget(qmd, device, utilization=0.8):
+def fold_for_budget(qmd, device, utilization=0.8, register_output=False):
     """The fastest folding whose estimate fits ``device`` (a :class:`boards.targets.Device`),
-    over the choices of which layers keep their weights in SPRAM (iCE40 UltraPlus)."""
+    over the choices of which layers keep their weights in SPRAM (iCE40 UltraPlus);
+    ``register_output``: a register slice on every layer's output (counted in the estimate)."""
     best = None
     for ram in _ram_choices(qmd, device):
-        f = _fastest_fitting(qmd, device, utilization, ram)
+        f = _fastest_fitting(qmd, device, utilization, ram, register_output)
         if f is not None:
             cyc = frame_cycles(plan_network(qmd, f))
             if best is None or cyc < best[0]:
                 best = (cyc, f)
     if best is None:
-        t = estimate_totals(qmd, fold_for_cycles(qmd, 1 << 62), device.family)
+        t = estimate_totals(qmd, fold_for_cycles(qmd, 1 << 62, register_output=register_output), device.family)
         raise QnnfabError(f"model '{qmd.name}' does not fit the {device.part} even fully folded: estimated "
                           f"{t['luts']:,} LUTs (budget {int(utilization * device.luts):,}), {t['bram_blocks']} EBR "
                           f"blocks (of {device.ebr_blocks})"

@@ -63,6 +63,7 @@ class Stage:
     params: dict = field(default_factory=dict)
     carries: str = None       # for stages that implement no layer: the layer whose values they carry
     weights: str = None       # MVTU stages: "rom" (initialised), "lut" (initialised, LUT logic) or "ram" (loaded)
+    register_output: bool = False  # MVTU stages: a register slice on the output stream (folding "register_output")
 
     @property
     def kind(self):
@@ -170,6 +171,7 @@ def plan_network(qmd, folding):
                 stages.append(Stage(layer.name, "xnor_mvtu" if binary_in else "addsub_mvtu", fused, simd, pe,
                                     windows * m, out_shape, out_act, cycles_per_frame=dense_cycles, pe=pe, simd=simd,
                                     weights=storage))
+            stages[-1].register_output = bool(f.get("register_output"))
             i += len(fused)
         elif layer.kind == "maxpool":
             prev = stages[-1] if stages else None
@@ -281,8 +283,7 @@ class Accelerator(wiring.Component):
         self.qmd = qmd
         self.stages = plan_network(qmd, folding)
         # stages whose output stream goes through a register slice (folding "register_output")
-        self.sliced = {s.name for s in self.stages if s.layers and s.engine.endswith("mvtu")
-                       and folding.get(s.layers[0].name, {}).get("register_output")}
+        self.sliced = {s.name for s in self.stages if s.register_output}
         self.taps = taps
         first, last = self.stages[0], self.stages[-1]
         in_act = qmd.input_act

@@ -88,3 +88,20 @@ def test_budget_that_cannot_fit_is_one_line_error(mnist):
                                         ebr_bits=18432)
     with pytest.raises(QnnfabError, match=r"does not fit the TINY even fully folded: .*EBR"):
         fold_for_budget(mnist, tiny)
+
+
+def test_register_outputs_are_set_on_every_layer_and_counted_in_the_estimate(cnn):
+    plain = fold_for_cycles(cnn, 1000)
+    sliced = fold_for_cycles(cnn, 1000, register_output=True)
+    validate_folding(sliced, cnn)
+    assert all(f["register_output"] for f in sliced.values())
+    assert {k: {"pe": f["pe"], "simd": f["simd"]} for k, f in sliced.items()} == plain
+    stages = plan_network(cnn, sliced)
+    widths = [s.out_lanes * s.out_shape.width for s in stages if s.register_output]
+    assert len(widths) == len(sliced)
+    a, b = estimate_totals(cnn, plain, "ecp5"), estimate_totals(cnn, sliced, "ecp5")
+    assert b["ffs"] - a["ffs"] == sum(2 * w + 2 for w in widths)   # two payload registers, two valid bits
+    assert b["luts"] - a["luts"] == sum(widths)                     # the output register's 2:1 multiplexer
+    assert b["cycles_per_frame"] == a["cycles_per_frame"]
+    budget = fold_for_budget(cnn, get_device("25f"), utilization=0.08, register_output=True)
+    assert all(f["register_output"] for f in budget.values())

@@ -118,3 +118,15 @@ def test_check_validates_the_per_device_foldings_too(model, capsys):
                                                 "fc1": {"pe": 1, "simd": 2}}}))
     assert main(["check", "--model", str(model)]) == 2
     assert "folding-85f.json: layer 'fc0' field 'weights': must be \"rom\"" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("args, registered", [
+    (["--device", "85f"], True), (["--device", "up5k"], False), (["--fps", "1000"], False),
+    (["--device", "85f", "--register-outputs", "no"], False), (["--fps", "1000", "--register-outputs", "yes"], True)])
+def test_fold_register_outputs_default_on_for_an_ecp5_budget(model, tmp_path, capsys, args, registered):
+    out = tmp_path / "f.json"
+    assert main(["fold", "--model", str(model), *args, "--out", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    assert set(layers) == {"fc0", "fc1"}
+    assert all(f.get("register_output", False) == registered for f in layers.values())
+    assert main(["check", "--model", str(model), "--folding", str(out)]) == 0
