@@ -30,6 +30,14 @@ entry is another cosine cycle from its ``lr`` down to ``lr_min`` over its ``epoc
 from the current weights and Adam moments. Appending a restart to a recipe keeps its checkpoints
 resumable (the schedule of the epochs already trained is unchanged), so a finished run that fell
 short of its accuracy goal can be trained on without starting over.
+
+Knowledge distillation: a recipe's ``distill`` ``{"teacher": name, "from_epoch": e,
+"temperature": T, "weight": w}`` trains from (0-based) epoch ``e`` on against a finished
+teacher's soft labels as well as the true ones: the loss is ``(1 - w) * CE(student, y) +
+w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the teacher (its finished
+checkpoint, in eval mode) seeing the same augmented batch. ``w = 1, T = 1`` is ReActNet's
+distributional loss for binary networks. Like a restart, a ``distill`` whose ``from_epoch`` is
+not before a checkpoint's epoch may be added to its recipe, which keeps the run resumable.
 """
 
 import argparse
@@ -113,7 +121,7 @@ def _recipe(cfg):
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
         {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit", "init_from",
-                             "inq_schedule", "restarts") if cfg.get(k)}
+                             "inq_schedule", "restarts", "distill") if cfg.get(k)}
 
 
 def _cycles(cfg):
@@ -150,12 +158,74 @@ def _validate_restarts(model_name, cfg):
         raise QnnfabError(f"{model_name}: restarts must be a list of [epochs >= 1, lr > 0] pairs, got {restarts!r}")
 
 
-def _resumable(ck_recipe, recipe):
-    """Whether a checkpoint trained under ``ck_recipe`` continues under ``recipe``: the same
-    recipe, except that ``recipe`` may append warm restarts to the checkpoint's."""
+def _resumable(ck_recipe, recipe, ck_epoch):
+    """Whether a checkpoint trained for ``ck_epoch`` epochs under ``ck_recipe`` continues under
+    ``recipe``: the same recipe, except that ``recipe`` may append warm restarts to the
+    checkpoint's and add a ``distill`` that starts at or after ``ck_epoch``."""
     a, b = dict(ck_recipe), dict(recipe)
     ra, rb = a.pop("restarts", []), b.pop("restarts", [])
-    return a == b and rb[:len(ra)] == ra
+    da, db = a.pop("distill", None), b.pop("distill", None)
+    distill_ok = da == db or (da is None and db["from_epoch"] >= ck_epoch)
+    return a == b and rb[:len(ra)] == ra and distill_ok
+
+
+DISTILL_DEFAULTS = {"from_epoch": 0, "temperature": 1.0, "weight": 1.0}
+
+
+def _validate_distill(model_name, cfg):
+    """Fill in ``cfg["distill"]``'s defaults; a malformed entry is a one-line error."""
+    d = cfg.get("distill")
+    if d is None:
+        return
+    where = f"{model_name}: distill"
+    if not isinstance(d, dict) or not isinstance(d.get("teacher"), str):
+        raise QnnfabError(f"{where} must be a dict with a 'teacher' model name, got {d!r}")
+    unknown = set(d) - {"teacher", *DISTILL_DEFAULTS}
+    if unknown:
+        raise QnnfabError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
+                          f"(known: teacher, {', '.join(DISTILL_DEFAULTS)})")
+    d = DISTILL_DEFAULTS | d
+    if d["teacher"] == model_name:
+        raise QnnfabError(f"{where}: a model cannot be its own teacher")
+    if not (isinstance(d["from_epoch"], int) and 0 <= d["from_epoch"] < total_epochs(cfg)):
+        raise QnnfabError(f"{where}: from_epoch must be an epoch of the run (0 to {total_epochs(cfg) - 1}), "
+                          f"got {d['from_epoch']!r}")
+    if not (isinstance(d["temperature"], (int, float)) and d["temperature"] > 0):
+        raise QnnfabError(f"{where}: temperature must be > 0, got {d['temperature']!r}")
+    if not (isinstance(d["weight"], (int, float)) and 0 < d["weight"] <= 1):
+        raise QnnfabError(f"{where}: weight must be in (0, 1], got {d['weight']!r}")
+    cfg["distill"] = d
+
+
+def load_teacher(name, run_dir=None):
+    """The finished model ``name`` as a frozen teacher (eval mode, no gradients): its
+    ``runs/`` checkpoint or committed snapshot (``run_dir`` overrides); an unfinished or missing
+    one is an error naming it."""
+    path = checkpoint_path(name, run_dir)
+    if not path.is_file():
+        raise QnnfabError(f"the distillation teacher {name} is not trained: make train MODEL={name} first",
+                          where=str(path))
+    ck = load_checkpoint(path)
+    done, total = ck["epoch"], total_epochs(ck["config"])
+    if done < total:
+        raise QnnfabError(f"the distillation teacher {name} is trained for {done} of its {total} epochs: "
+                          f"finish it first (make train MODEL={name})", where=str(path))
+    with torch.random.fork_rng(devices=[]):     # building it must not move the student's RNG stream
+        teacher = build_model(ck["config"])
+    teacher.load_state_dict(ck["model"])
+    teacher.eval().requires_grad_(False)
+    return teacher, ck
+
+
+def distill_loss(logits, targets, teacher_logits, temperature, weight):
+    """``(1 - weight) * CE(logits, targets) + weight * T^2 * KL(softmax(teacher / T) || softmax(logits / T))``."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    loss = weight * t * t * kl
+    if weight < 1:
+        loss = loss + (1 - weight) * F.cross_entropy(logits, targets)
+    return loss
 
 
 def init_from_checkpoint(model, path):
@@ -274,7 +344,7 @@ def _device(name):
 
 
 def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after=None, progress=True,
-          device="cpu", init_dir=None, compile_model=False):
+          device="cpu", init_dir=None, compile_model=False, teacher_dir=None):
     """Train ``model_name`` (a key of :data:`models.nets.MODELS`) and return a summary dict.
 
     ``epochs`` overrides the recipe's epoch count (it sets the cosine schedule's length).
@@ -284,7 +354,8 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     ``device`` ("cpu" or "cuda[:N]") is where the model and batches live; data loading,
     augmentation and checkpoints stay on the CPU, so a run may resume on another device
     (bit-identical resumption is promised on the same device only).
-    ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read.
+    ``init_dir`` overrides where the recipe's ``init_from`` checkpoint is read, ``teacher_dir``
+    where its ``distill`` teacher's is.
     Without ``run_dir`` the run also keeps its committed snapshot
     (``models/checkpoints/<model>.pt``) up to date and resumes from it when ``runs/`` has none.
     ``compile_model`` runs the training steps through ``torch.compile`` (inductor fuses the
@@ -302,6 +373,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
             raise QnnfabError(f"--epochs must be at least 1, got {epochs}")
         cfg["epochs"] = int(epochs)
     _validate_restarts(model_name, cfg)
+    _validate_distill(model_name, cfg)
     n_epochs = total_epochs(cfg)
     snap = None if run_dir else snapshot_path(model_name)
     run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
@@ -328,7 +400,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
 
     if not fresh:
         ck = load_checkpoint(resume_path)
-        if not _resumable(ck["recipe"], recipe) or ck["seed"] != seed:
+        if not _resumable(ck["recipe"], recipe, ck["epoch"]) or ck["seed"] != seed:
             raise QnnfabError("checkpoint was trained with a different recipe or seed "
                               f"(checkpoint: seed {ck['seed']}, epochs {ck['recipe'].get('epochs')}); "
                               "use --no-resume to start over, or another --run-dir", where=str(resume_path))
@@ -343,13 +415,22 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
               f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
         return _summary(model_name, cfg, resume_path, history, best, elapsed)
 
+    distill = cfg.get("distill")
+    teacher = None
+    if distill and end_epoch(n_epochs, start, stop_after) > distill["from_epoch"]:
+        teacher, tck = load_teacher(distill["teacher"], teacher_dir)
+        teacher = teacher.to(dev)
+        print(f"{model_name}: distilling from {distill['teacher']} (epoch {tck['epoch']}, test accuracy "
+              f"{tck['history'][-1]['test_accuracy']:.4f}) from epoch {distill['from_epoch'] + 1}, "
+              f"T={distill['temperature']:g}, weight {distill['weight']:g}", flush=True)
     xtr, ytr = _load_data(cfg, "train")
     xte, yte = _load_data(cfg, "test")
     bs = cfg["batch_size"]
     n_batches = (len(xtr) + bs - 1) // bs
 
-    end = n_epochs if stop_after is None else min(n_epochs, start + stop_after)
+    end = end_epoch(n_epochs, start, stop_after)
     for epoch in range(start, end):
+        taught = teacher is not None and epoch >= distill["from_epoch"]
         t0 = time.time()
         if cfg.get("inq_schedule"):
             frozen = inq_freeze(model, inq_fraction_at(cfg["inq_schedule"], epoch))
@@ -368,7 +449,12 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
             idx = perm[b * bs:(b + 1) * bs]
             x, y = augment(xtr[idx], cfg).to(dev), ytr[idx].to(dev)
             logits = step_model(x)
-            loss = F.cross_entropy(logits, y)
+            if taught:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = distill_loss(logits, y, teacher_logits, distill["temperature"], distill["weight"])
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -400,6 +486,11 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
 
 
+def end_epoch(n_epochs, start, stop_after):
+    """The epoch an invocation stops at: the run's end, or ``stop_after`` epochs after ``start``."""
+    return n_epochs if stop_after is None else min(n_epochs, start + stop_after)
+
+
 def _summary(model_name, cfg, ckpt_path, history, best, elapsed):
     return {"model": model_name, "checkpoint": str(ckpt_path), "epochs_done": len(history),
             "epochs": total_epochs(cfg), "test_accuracy": history[-1]["test_accuracy"] if history else None,
@@ -419,6 +510,8 @@ def main(argv=None):
                                                           "(faster for long runs; ~75 s to compile)")
     p.add_argument("--init-dir", default=None, help="run directory of the recipe's init_from model "
                                                      "(default: runs/<init_from>)")
+    p.add_argument("--teacher-dir", default=None, help="run directory of the recipe's distill teacher "
+                                                        "(default: runs/<teacher>, else its snapshot)")
     p.add_argument("--snapshot", action="store_true", help="only write the committed snapshot "
                                                            "(models/checkpoints/<model>.pt) of runs/<model>/ckpt.pt")
     args = p.parse_args(argv)
@@ -436,7 +529,7 @@ def main(argv=None):
     try:
         s = train(args.model, epochs=args.epochs, seed=args.seed, resume=not args.no_resume,
                   run_dir=args.run_dir, progress=not args.no_progress, device=args.device, init_dir=args.init_dir,
-                  compile_model=args.compile)
+                  compile_model=args.compile, teacher_dir=args.teacher_dir)
     except QnnfabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

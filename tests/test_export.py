@@ -322,3 +322,73 @@ def test_warm_restarts_extend_a_finished_run_and_keep_its_checkpoint_resumable(t
     summary = export(tiny_registry, run_dir=run, out_dir=tmp_path / "q")
     assert load_qmd(tmp_path / "q").provenance["recipe"]["restarts"] == [[2, 0.004]]
     assert load_qmd(tmp_path / "q").provenance["epochs"] == 5 and summary["qat_accuracy"] > 0.5
+
+
+def test_distillation_from_a_finished_teacher_resumes_and_is_refused_when_malformed(tmp_path, tiny_registry,
+                                                                                    monkeypatch):
+    """A recipe's ``distill`` trains against a finished teacher's soft labels from its
+    ``from_epoch`` on: the epochs before it are those of the plain run, adding it to a
+    checkpoint at or before ``from_epoch`` keeps the run resumable (with the same weights as an
+    uninterrupted distilled run), and a missing or unfinished teacher or a malformed entry is a
+    one-line error."""
+    from models.train import distill_loss
+    teacher_dir = tmp_path / "teacher"
+    train(tiny_registry, run_dir=teacher_dir, seed=1, progress=False)
+    student = dict(nets.MODELS[tiny_registry], description="tiny distilled student")
+    monkeypatch.setitem(nets.MODELS, "tiny_student", student)
+    # plain for one epoch, then the recipe gains distillation from epoch 1 and the run trains on
+    run = tmp_path / "resumed"
+    train("tiny_student", run_dir=run, seed=3, progress=False, stop_after=1)
+    plain_epoch1 = load_checkpoint(run / "ckpt.pt")
+    student["distill"] = {"teacher": tiny_registry, "from_epoch": 1, "temperature": 2.0, "weight": 0.5}
+    s = train("tiny_student", run_dir=run, seed=3, progress=False, teacher_dir=teacher_dir)
+    assert s["epochs_done"] == 3 and s["test_accuracy"] > 0.5
+    resumed = load_checkpoint(run / "ckpt.pt")
+    assert resumed["history"][0] == plain_epoch1["history"][0]
+    assert resumed["recipe"]["distill"] == {"teacher": tiny_registry, "from_epoch": 1, "temperature": 2.0,
+                                            "weight": 0.5}
+    straight = tmp_path / "straight"
+    train("tiny_student", run_dir=straight, seed=3, progress=False, teacher_dir=teacher_dir)
+    b = load_checkpoint(straight / "ckpt.pt")
+    for key in resumed["model"]:
+        assert torch.equal(resumed["model"][key], b["model"][key]), key
+    # the distilled epochs optimised another loss than the plain run's
+    plain = tmp_path / "plain"
+    student.pop("distill")
+    train("tiny_student", run_dir=plain, seed=3, progress=False)
+    p = load_checkpoint(plain / "ckpt.pt")
+    same = ("loss", "train_accuracy", "test_accuracy")
+    assert [p["history"][0][k] for k in same] == [resumed["history"][0][k] for k in same]
+    assert p["history"][1]["loss"] != resumed["history"][1]["loss"]
+    assert any(not torch.equal(p["model"][k], resumed["model"][k]) for k in p["model"])
+    # the loss: weight 1 and equal logits is zero; weight w mixes the cross entropy in
+    logits, target = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert float(distill_loss(logits, target, logits.clone(), 3.0, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    other = torch.randn(8, 10)
+    kl = (torch.softmax(other / 2, 1) * (torch.log_softmax(other / 2, 1) - torch.log_softmax(logits / 2, 1))).sum(1)
+    expect = 0.25 * torch.nn.functional.cross_entropy(logits, target) + 0.75 * 4 * kl.mean()
+    assert float(distill_loss(logits, target, other, 2.0, 0.75)) == pytest.approx(float(expect), rel=1e-5)
+    # distillation added before the checkpoint's epoch changes the trained part: refused
+    student["distill"] = {"teacher": tiny_registry, "from_epoch": 0}
+    with pytest.raises(QnnfabError, match="different recipe or seed"):
+        train("tiny_student", run_dir=run, seed=3, progress=False, teacher_dir=teacher_dir)
+    # a teacher that is missing or not finished
+    with pytest.raises(QnnfabError, match=f"teacher {tiny_registry} is not trained"):
+        train("tiny_student", run_dir=tmp_path / "x", seed=3, progress=False, teacher_dir=tmp_path / "none")
+    half = tmp_path / "half"
+    train(tiny_registry, run_dir=half, seed=1, progress=False, stop_after=1)
+    with pytest.raises(QnnfabError, match=f"teacher {tiny_registry} is trained for 1 of its 3 epochs"):
+        train("tiny_student", run_dir=tmp_path / "y", seed=3, progress=False, teacher_dir=half)
+    # malformed entries
+    for bad, message in (({"from_epoch": 0}, "must be a dict with a 'teacher'"),
+                         ({"teacher": tiny_registry, "tau": 2}, r"unknown field\(s\) tau"),
+                         ({"teacher": tiny_registry, "weight": 0}, r"weight must be in \(0, 1\]"),
+                         ({"teacher": tiny_registry, "from_epoch": 3}, r"from_epoch must be an epoch of the run"),
+                         ({"teacher": "tiny_student"}, "cannot be its own teacher")):
+        student["distill"] = bad
+        with pytest.raises(QnnfabError, match=message):
+            train("tiny_student", run_dir=tmp_path / "z", seed=3, progress=False, teacher_dir=teacher_dir)
+    # the export records it
+    student["distill"] = {"teacher": tiny_registry, "from_epoch": 1, "temperature": 2.0, "weight": 0.5}
+    export("tiny_student", run_dir=run, out_dir=tmp_path / "q")
+    assert load_qmd(tmp_path / "q").provenance["recipe"]["distill"]["teacher"] == tiny_registry
