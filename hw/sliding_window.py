@@ -24,7 +24,8 @@ Synchronization (two counters, both in the reader's frame coordinates):
 ``avail`` = rows of the reader's current frame completely written (it exceeds ``H`` once
 the writer is into the next frame), ``rel`` = rows of that frame the reader has released.
 * The writer accepts a beat whenever ``avail - rel < R`` (its slot's previous row has
-  been released): one beat per cycle.
+  been released): one beat per cycle. ``avail - rel`` is kept in a register of its own
+  (``occupied``), so ``ready`` is one comparison of a register.
 * The reader issues one output beat per cycle whenever ``avail >= min(oy*S - P + K, H)``
   (every row its current output row touches is complete) and the output is ready.
   Finishing output row ``oy`` releases the rows below ``(oy+1)*S - P``; finishing the
@@ -47,7 +48,6 @@ from amaranth.hdl import Array, Const, Module, Mux, Shape, Signal, signed, unsig
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from hw.arith import mul_const
 
 
 def _positive(what, v, minimum=1):
@@ -142,7 +142,9 @@ class SlidingWindow(wiring.Component):
 
         # ---- shared row accounting (reader's frame coordinates)
         avail = Signal(signed((H + R + 2).bit_length() + 1))   # rows of the frame written
-        rel = Signal(range(H + 1))                            # rows of the frame released
+        # avail - rel, kept in a register; negative while the reader has released rows that no
+        # window touches before they are written (S > K, or a padded first output row)
+        occupied = Signal(signed(max(H, R).bit_length() + 2))
 
         # ---- writer: one beat per cycle into slot (global row mod R)
         waddr = Signal(range(depth))
@@ -150,7 +152,7 @@ class SlidingWindow(wiring.Component):
         w_fire = Signal()
         row_done = Signal()
         m.d.comb += [
-            self.i.ready.eq(avail - rel < R),
+            self.i.ready.eq(occupied < R),
             w_fire.eq(self.i.valid & self.i.ready),
             row_done.eq(w_fire & (wword == row_words - 1)),
             wr.addr.eq(waddr),
@@ -164,6 +166,10 @@ class SlidingWindow(wiring.Component):
             ]
 
         # ---- reader, stage A: window counters and address
+        # Everything the read address, the pad test and the row wait need is kept in
+        # registers, updated from the counters' wrap flags (no carry chain of one feeds another
+        # within a cycle): x = x_left + kx and y = y_top + ky, the line-buffer word offsets
+        # row_base = slot(y) * W*CB and xcb = x*CB + cb, and need_row = min(y_top + K, H).
         cb = Signal(range(CB))
         kx = Signal(range(K))
         ky = Signal(range(K))
@@ -172,66 +178,85 @@ class SlidingWindow(wiring.Component):
         coord = signed(max(H, W, P, K, S).bit_length() + 3)
         x_left = Signal(coord, init=-P)      # ox*S - P
         y_top = Signal(coord, init=-P)       # oy*S - P
-        top_slot = Signal(range(R), init=(-P) % R)   # slot of row y_top
+        x = Signal(coord, init=-P)           # x_left + kx
+        y = Signal(coord, init=-P)           # y_top + ky
+        base_shape = range(depth)
+        top_base = Signal(base_shape, init=((-P) % R) * row_words)   # slot(y_top) * row_words
+        row_base = Signal(base_shape, init=((-P) % R) * row_words)   # slot(y) * row_words
+        offs = signed(((W + P + S + 1) * CB).bit_length() + 2)
+        xl_cb = Signal(offs, init=-P * CB)   # x_left * CB
+        xcb = Signal(offs, init=-P * CB)     # x * CB + cb
+        need_row = Signal(coord, init=min(K - P, H))   # rows output row oy waits for
         frame_shift = (H - (OH - 1) * S) % R          # top slot: last output row -> next frame's first
 
-        x = Signal(coord)
-        y = Signal(coord)
-        slot_sum = Signal(range(2 * R))
-        slot = Signal(range(R))
         pad = Signal()
-        need = Signal(coord)                 # rows of the frame the current output beat waits for
-        m.d.comb += [
-            x.eq(x_left + kx),
-            y.eq(y_top + ky),
-            slot_sum.eq(top_slot + ky),
-            slot.eq(Mux(slot_sum >= R, slot_sum - R, slot_sum)),
-            pad.eq((x < 0) | (x >= W) | (y < 0) | (y >= H)),
-        ]
+        m.d.comb += pad.eq((x < 0) | (x >= W) | (y < 0) | (y >= H))
 
         last_cb, last_kx, last_ky = cb == CB - 1, kx == K - 1, ky == K - 1
         last_ox, last_oy = ox == OW - 1, oy == OH - 1
         last_beat = last_cb & last_kx & last_ky & last_ox & last_oy
-        m.d.comb += need.eq(Mux(last_beat | (y_top + K > H), H, y_top + K))
 
         advance = Signal()
         valid_a = Signal()
         fire_a = Signal()
-        slot_base = Array(Const(r * row_words, range(depth + 1)) for r in range(R))   # no multiplier
+        addr = Signal(base_shape)
         m.d.comb += [
             advance.eq(~self.o.valid | self.o.ready),
-            valid_a.eq(avail >= need),
+            # the frame's last beat waits for every row of the frame (see the module docstring)
+            valid_a.eq(Mux(last_beat, avail >= H, avail >= need_row)),
             fire_a.eq(advance & valid_a),
-            rd.addr.eq(Mux(pad, 0, slot_base[slot] + mul_const(x[:x.shape().width - 1], CB) + cb)),
+            addr.eq(row_base + xcb),
+            rd.addr.eq(Mux(pad, 0, addr)),
             rd.en.eq(advance),
         ]
+
+        def wrap(v):
+            return Mux(v >= depth, v - depth, v)
+
+        x_left_next = Mux(last_ox, -P, x_left + S)
+        xl_cb_next = Mux(last_ox, -P * CB, xl_cb + S * CB)
+        y_top_next = Mux(last_oy, -P, y_top + S)
+        top_base_next = wrap(top_base + Mux(last_oy, frame_shift * row_words, (S % R) * row_words))
+        need_next = Mux(last_oy, min(K - P, H), Mux(y_top + (S + K) > H, H, y_top + (S + K)))
+
+        with m.If(fire_a):
+            m.d.sync += [cb.eq(Mux(last_cb, 0, cb + 1)), xcb.eq(xcb + 1)]
+            with m.If(last_cb):
+                m.d.sync += [kx.eq(Mux(last_kx, 0, kx + 1)), x.eq(x + 1)]
+                with m.If(last_kx):
+                    m.d.sync += [ky.eq(Mux(last_ky, 0, ky + 1)), y.eq(y + 1),
+                                 row_base.eq(wrap(row_base + row_words)),
+                                 x.eq(Mux(last_ky, x_left_next, x_left)),
+                                 xcb.eq(Mux(last_ky, xl_cb_next, xl_cb))]
+                    with m.If(last_ky):
+                        m.d.sync += [ox.eq(Mux(last_ox, 0, ox + 1)), x_left.eq(x_left_next),
+                                     xl_cb.eq(xl_cb_next),
+                                     y.eq(Mux(last_ox, y_top_next, y_top)),
+                                     row_base.eq(Mux(last_ox, top_base_next, top_base))]
+                        with m.If(last_ox):
+                            m.d.sync += [oy.eq(Mux(last_oy, 0, oy + 1)), y_top.eq(y_top_next),
+                                         top_base.eq(top_base_next), need_row.eq(need_next)]
 
         row_end = fire_a & last_cb & last_kx & last_ky & last_ox
         frame_end = row_end & last_oy
 
-        with m.If(fire_a):
-            m.d.sync += cb.eq(Mux(last_cb, 0, cb + 1))
-            with m.If(last_cb):
-                m.d.sync += kx.eq(Mux(last_kx, 0, kx + 1))
-                with m.If(last_kx):
-                    m.d.sync += ky.eq(Mux(last_ky, 0, ky + 1))
-                    with m.If(last_ky):
-                        m.d.sync += [ox.eq(Mux(last_ox, 0, ox + 1)),
-                                     x_left.eq(Mux(last_ox, -P, x_left + S))]
-                        with m.If(last_ox):
-                            m.d.sync += [oy.eq(Mux(last_oy, 0, oy + 1)),
-                                         y_top.eq(Mux(last_oy, -P, y_top + S))]
-                            step = Mux(last_oy, frame_shift, S % R)
-                            nxt = top_slot + step
-                            m.d.sync += top_slot.eq(Mux(nxt >= R, nxt - R, nxt))
-
         # releases: rows below (oy+1)*S - P once output row oy is done; all at frame end
-        rel_next = y_top + S
-        with m.If(frame_end):
-            m.d.sync += rel.eq(0)
-        with m.Elif(row_end):
-            m.d.sync += rel.eq(Mux(rel_next < 0, 0, Mux(rel_next > H, H, rel_next)))
-        m.d.sync += avail.eq(avail + row_done - Mux(frame_end, H, 0))
+        # rel is clamp(oy*S - P, 0, H) (0 for oy = 0), a function of the output row alone, so the
+        # rows each output row's end releases are a constant table over oy; occupied follows
+        # avail - rel: + a written row, - the rows released (at the frame's end, the rest of the
+        # frame, as avail shifts by -H and rel restarts at 0)
+        def rel_at(row):
+            return 0 if row == 0 else min(max(row * S - P, 0), H)
+        row_release = [rel_at(r + 1) - rel_at(r) for r in range(OH)]
+        release = Signal(range(max(row_release) + 1), init=row_release[0])   # at the end of output row oy
+        table = Array(Const(v, release.shape()) for v in row_release[1:] + [row_release[0]])
+        with m.If(row_end):
+            m.d.sync += release.eq(Mux(last_oy, row_release[0], table[oy]))
+        released = Mux(frame_end, H - rel_at(OH - 1), Mux(row_end, release, 0))
+        m.d.sync += occupied.eq(occupied + row_done - released)
+        avail_inc = Signal.like(avail)
+        m.d.comb += avail_inc.eq(avail + row_done)
+        m.d.sync += avail.eq(Mux(frame_end, avail_inc - H, avail_inc))   # the select last, after both sums
 
         # ---- reader, stage B: memory output (or the pad value) is the output beat
         pad_b = Signal()
