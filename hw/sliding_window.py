@@ -49,7 +49,6 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 
-
 def _positive(what, v, minimum=1):
     if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -240,11 +239,11 @@ class SlidingWindow(wiring.Component):
         row_end = fire_a & last_cb & last_kx & last_ky & last_ox
         frame_end = row_end & last_oy
 
-        # releases: rows below (oy+1)*S - P once output row oy is done; all at frame end
-        # rel is clamp(oy*S - P, 0, H) (0 for oy = 0), a function of the output row alone, so the
-        # rows each output row's end releases are a constant table over oy; occupied follows
-        # avail - rel: + a written row, - the rows released (at the frame's end, the rest of the
-        # frame, as avail shifts by -H and rel restarts at 0)
+        # releases: rows below (oy+1)*S - P once output row oy is done, all at frame end. So
+        # rel = clamp(oy*S - P, 0, H) is a function of the output row alone, and the rows each
+        # output row's end releases are a constant table over oy. occupied follows avail - rel:
+        # + a written row, - the rows released (at the frame's end, the rest of the frame, as
+        # avail shifts by -H and rel restarts at 0)
         def rel_at(row):
             return 0 if row == 0 else min(max(row * S - P, 0), H)
         row_release = [rel_at(r + 1) - rel_at(r) for r in range(OH)]

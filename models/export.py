@@ -374,8 +374,8 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["init_from"] = cfg["init_from"]      # the checkpoint it was fine-tuned from
     if cfg.get("restarts"):
         recipe["restarts"] = cfg["restarts"]        # warm restarts after the main cosine cycle
-    if ck.get("recipe", {}).get("distill"):
-        recipe["distill"] = ck["recipe"]["distill"]  # the teacher and loss it was distilled with
+    if cfg.get("distill"):
+        recipe["distill"] = cfg["distill"]          # the teacher and loss it was distilled with
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,
