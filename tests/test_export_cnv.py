@@ -2,6 +2,8 @@
 normalisation folded exactly into integer thresholds, max-pooling of binary values, the
 channels-last flatten; float model == integer reference, layer by layer."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,14 @@ def test_bnn_cifar_registry_entry():
     assert [f.out_features for f in model.fcs] + [model.out.out_features] == [512, 512, 10]
     x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     assert model(x).shape == (2, 10)
+    # the committed snapshot of the finished 50-epoch cycle resumes under the recipe as it is now
+    # (a warm restart and distillation from float_cifar, both from epoch 50 on)
+    from models.train import _recipe, _resumable, _validate_distill
+    from qnnfab.paths import REPO_ROOT
+    _validate_distill("bnn_cifar", cfg)
+    assert cfg["distill"]["teacher"] == "float_cifar" and cfg["distill"]["from_epoch"] == 50
+    ck = load_checkpoint(REPO_ROOT / "models" / "checkpoints" / "bnn_cifar.pt")
+    assert ck["epoch"] >= 50 and _resumable(ck["recipe"], json.loads(json.dumps(_recipe(cfg))), ck["epoch"])
 
 
 def test_small_cnv_train_and_export(tmp_path, monkeypatch, cifar_test):

@@ -157,6 +157,8 @@ def test_registry_entries_and_float_baseline_refuses_export(tmp_path):
         assert f["net_args"][key] == s["net_args"][key]                 # the same CNV topology
     assert (s["net_args"]["weight"], s["net_args"]["pow2_terms"], s["net_args"]["pow2_bits"]) == ("pow2", 2, 4)
     assert s["float_baseline"] == s["init_from"] == "float_cifar"
+    # a smaller logit scale (the last layer's dot products are ~2^9 x the float logits), a power of two
+    assert s["net_args"]["logit_scale"] == 2.0 ** -13 < f["net_args"]["logit_scale"]
     fm, sm = build_model(f), build_model(s)
     assert [c.out_channels for c in sm.convs] == [64, 64, 128, 128, 256, 256] and sm.feature_shape == (1, 1, 256)
     assert isinstance(sm.convs[0], Pow2Conv2d) and isinstance(sm.fcs[0], Pow2Linear)

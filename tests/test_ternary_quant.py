@@ -205,7 +205,7 @@ def test_tnn_cifar_registry_entry():
     assert cfg["dataset"] == "cifar10" and cfg["net"] == "CNV"
     model = build_model(cfg)
     assert isinstance(model.convs[0], TernaryConv2d) and isinstance(model.out, TernaryLinear)
-    assert isinstance(model.act, TernaryActivation)
+    assert isinstance(model.act, UintActivation) and model.act.qmd_out == {"kind": "uint", "bits": 2}
     assert [c.out_channels for c in model.convs] == [64, 64, 128, 128, 256, 256]
     assert model(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape == (2, 10)
     assert cfg["init_from"] == "float_cifar"
