@@ -35,6 +35,7 @@ from models.nets import CNV, SFC, build_model
 from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
 from models.reference import EVAL_BATCH, ReferenceModel
+from models.train import EVAL_BATCH as FLOAT_EVAL_BATCH
 from models.train import THREADS, checkpoint_path, load_checkpoint, total_epochs
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import DATA_DIR, REPO_ROOT, ZOO_DIR
@@ -287,7 +288,7 @@ def load_trained(model_name, run_dir=None):
 
 
 @torch.no_grad()
-def float_model_trace(model, images, batch=1000):
+def float_model_trace(model, images, batch=FLOAT_EVAL_BATCH):
     """Run the float QAT model (eval mode) on uint8 ``images`` and return its view of
     every exported layer, keyed by QMD layer name, as int64 numpy arrays (checked to be
     integers), plus ``logits`` (float32)."""
@@ -310,7 +311,7 @@ def float_model_trace(model, images, batch=1000):
     return out
 
 
-def float_model_predictions(model, images, run_dir=None, batch=1000):
+def float_model_predictions(model, images, run_dir=None, batch=FLOAT_EVAL_BATCH):
     """Classes predicted by the float QAT model (a module, or a zoo name whose checkpoint
     is loaded from ``run_dir``) for uint8 ``images``."""
     if isinstance(model, str):
