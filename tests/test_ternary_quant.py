@@ -216,11 +216,13 @@ def test_tnn_cifar_registry_entry():
     for name in ("tnn_cifar_d10", "tnn_cifar_d14"):
         sweep = model_config(name)
         assert sweep["net_args"]["delta_factor"] > cfg["net_args"]["delta_factor"]
-        # the sweep fine-tunes tnn_cifar: it differs only in the TWN threshold, start and length
+        # the sweep fine-tunes tnn_cifar: it differs only in the TWN threshold, start, length and
+        # in distilling from its first epoch (tnn_cifar distills its last third)
         assert sweep["init_from"] == "tnn_cifar" and sweep["epochs"] == nets.SWEEP_EPOCHS < cfg["epochs"]
+        assert sweep["distill"] == dict(cfg["distill"], from_epoch=0) and cfg["distill"]["from_epoch"] > 0
         assert {k: v for k, v in sweep["net_args"].items() if k != "delta_factor"} == \
             {k: v for k, v in cfg["net_args"].items() if k != "delta_factor"}
-        skip = ("net_args", "description", "name", "init_from", "epochs")
+        skip = ("net_args", "description", "name", "init_from", "epochs", "distill")
         assert {k: v for k, v in sweep.items() if k not in skip} == {k: v for k, v in cfg.items() if k not in skip}
 
 
