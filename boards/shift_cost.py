@@ -132,7 +132,7 @@ def multiplier_twin(shift):
 
 def _script(nodsp):
     return "\n".join([
-        "read_verilog stage.v",
+        "read_rtlil stage.il",
         "hierarchy -top stage",
         "proc",
         "flatten",
@@ -149,12 +149,14 @@ def _script(nodsp):
 def synth_engine(engine, work, yosys, nodsp=False):
     """Synthesize one engine for ECP5; returns ``luts``, ``ffs``, ``dsp`` (mapped ``MULT18X18D`` +
     ``ALU54B``), ``ebr``, ``lutram``, ``mul_cells`` (the elaborated netlist's ``$mul`` cells)."""
-    from amaranth.back import verilog
+    from amaranth.back import rtlil
 
     from boards.synth import _cells_of, _run, count_cells
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "stage.v").write_text(verilog.convert(engine, name="stage", emit_src=False))
+    # RTLIL, not Verilog: a weight ROM's contents are one $meminit constant there, where Yosys'
+    # Verilog frontend parses one initial-block assignment per word (hours for a 147,456-word ROM)
+    (work / "stage.il").write_text(rtlil.convert(engine, name="stage", emit_src=False))
     (work / "stage.ys").write_text(_script(nodsp))
     _run([yosys, "-q", "-l", "yosys.log", "stage.ys"], work / "yosys.stdout", work,
          f"yosys synthesis of the {type(engine).__name__} cost comparison")

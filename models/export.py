@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from models.data import DATASETS, load_dataset
-from models.nets import CNV, SFC, build_model
+from models.nets import CNV, MODELS, SFC, build_model
 from models.qmd import dot_range as qmd_dot_range
 from models.qmd import save_qmd
 from models.reference import EVAL_BATCH, ReferenceModel
@@ -366,6 +366,13 @@ def export(model_name, run_dir=None, out_dir=None):
     qat_acc = float((float_cls == labels).mean())
 
     layers = qmd_layers(model, cfg)
+    channel_order = None
+    # an export-time choice (it changes no weight), so read from the registry, not the checkpoint
+    balance_for = (MODELS.get(model_name) or cfg).get("balance_for_folding")
+    if balance_for:                         # hidden channels reordered for the zero-skip lanes
+        from models.channel_order import balance_channels
+        layers, channel_order = balance_channels(layers, ZOO_DIR / balance_for / "folding.json")
+        channel_order["folding"] = f"models/zoo/{balance_for}/folding.json"
     out_dir = Path(out_dir) if out_dir else ZOO_DIR / model_name
     recipe = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "lr_min", "weight_decay")}
     recipe["augment_shift"] = cfg.get("augment_shift", 0)
@@ -390,6 +397,8 @@ def export(model_name, run_dir=None, out_dir=None):
         "exported": datetime.date.today().isoformat(),
         "exporter": "models/export.py",
     }
+    if channel_order:
+        provenance["channel_order"] = channel_order
     if cfg.get("float_baseline"):
         provenance["float_baseline"] = measure_float_baseline(cfg["float_baseline"], images, labels)
         provenance["float_baseline_accuracy"] = provenance["float_baseline"]["accuracy"]

@@ -330,6 +330,11 @@ MODELS = {
         # epoch-13 float model's 79% on 500 test images, ternary activations fall to 14%), which
         # is what a 30-epoch fine-tune needs; ternary activations stay supported end to end.
         "init_from": "float_cifar",
+        # the export orders each hidden layer's channels so that the zero-skip engines' lanes and
+        # PEs of this folding carry equal non-zero counts (models/channel_order.py): the same
+        # network, integer for integer; with the training order conv1's busiest lane needed 0.68
+        # of the dense cycles at 47.5% weight density
+        "balance_for_folding": "tnn_cifar",
         "epochs": 30,
         # the last third learns from float_cifar's soft labels (pure KL, T = 1): at epoch 20 the
         # ternary CNV fitted its training set (80.5%) no better than its test set (79.3%)

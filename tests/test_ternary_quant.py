@@ -2,6 +2,8 @@
 estimators, the multi-level threshold fold, and the ternary CNV (tnn_cifar's topology):
 float QAT model == integer reference, layer by layer; a smoke training with export."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -244,8 +246,18 @@ def test_small_tnn_train_and_export(tmp_path, monkeypatch, cifar_test):
             assert v.abs().max() <= 1.0, k
     import models.export as ex
     monkeypatch.setattr(ex, "load_dataset", lambda name, split: tuple(a[:200] for a in cifar_test))
+    # the export orders the hidden channels for this folding's zero-skip lanes (models/channel_order.py)
+    fold = {f"conv{k}": {"pe": 4, "simd": 1 if k == 0 else 4} for k in range(6)} | \
+        {f"fc{k}": {"pe": 2, "simd": 4} for k in range(3)}
+    (tmp_path / "zoo" / "tiny_tnn").mkdir(parents=True)
+    (tmp_path / "zoo" / "tiny_tnn" / "folding.json").write_text(json.dumps({"layers": fold}))
+    monkeypatch.setattr(ex, "ZOO_DIR", tmp_path / "zoo")
+    monkeypatch.setitem(nets.MODELS["tiny_tnn"], "balance_for_folding", "tiny_tnn")
     summary = export("tiny_tnn", run_dir=run, out_dir=tmp_path / "q")
     qmd = load_qmd(tmp_path / "q")
+    order = qmd.provenance["channel_order"]["layers"]
+    assert any("channel_order" in v for v in order.values())
+    assert all(v["cycles_per_vector_after"] > 0 for v in order.values())
     assert qmd.layer("conv1").attrs["weight"] == "ternary" and qmd.layer("conv1_act").out_act.kind == "ternary"
     assert summary["mismatches"] <= 1 and summary["test_images"] == 200
     model, _ = ex.load_trained("tiny_tnn", run)
