@@ -36,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 from hw.arith import bits_for, dot_range, dot_thresholds, sum_tree
 from hw.mvtu import MVTU, _check_fold, pipelined_sum_stages
 
-COST_VERSION = 2        # bump when the engines or the measurement change: invalidates the cache
+COST_VERSION = 3        # bump when the engines or the measurement change: invalidates the cache
 
 
 class MulMVTU(MVTU):
