@@ -178,3 +178,20 @@ def test_sparsity_sweep_rows(tmp_path):
     assert rows[0]["ternary_cycles_sum"] > rows[1]["ternary_cycles_sum"] > rows[2]["ternary_cycles_sum"]
     assert rows[0]["ternary_cycles_sum_dense"] == rows[2]["ternary_cycles_sum_dense"]
     assert sweep_markdown(rows).count("\n| m") == 3
+
+
+@pytest.mark.parametrize("model", ["tnn_cifar", "tnn_cifar_d10", "tnn_cifar_d14"])
+def test_zoo_ternary_models_skip_within_density_plus_a_tenth(model, tmp_path):
+    """The committed tnn_cifar QMDs at tnn_cifar's zoo folding (the one their channel order was
+    chosen for): every ternary layer's report entry within (density + 0.10) x dense."""
+    from hw.folding import load_folding
+    from models.qmd import load_qmd
+    from qnnfab.paths import ZOO_DIR
+    qmd = load_qmd(ZOO_DIR / model)
+    folding = load_folding(ZOO_DIR / "tnn_cifar" / "folding.json", qmd)
+    rep = design_report(qmd, folding, plan_network(qmd, folding), tmp_path / "x.v", model)
+    entries = [l for l in rep["layers"] if l["engine"] == "ternary_mvtu"]
+    assert len(entries) == 9
+    for l in entries:
+        assert l["cycles_per_frame"] <= (l["weight_density"] + 0.10) * l["cycles_per_frame_dense"], l["name"]
+    assert "channel_order" in qmd.provenance
