@@ -13,9 +13,9 @@ The order of a hidden layer's channels is free: permuting layer L's output chann
 layer) and layer L+1's weight columns the same way computes the same network, integer for
 integer, logits and classes included. :func:`balance_channels` chooses, layer by layer,
 the order of each hidden layer's outputs that balances both the PEs of layer L (its rows)
-and the lanes of layer L+1 (its columns) for a given folding, by a greedy local search
-(swaps between the busiest and other residue classes, kept when the worse of the two
-layers' cycle excess over density does not grow). Only the description's channel order
+and the lanes of layer L+1 (its columns) for a given folding, by a local search (random
+swaps of two channels in different PE or lane residue classes, kept when the worse of
+the two layers' cycle excess over density does not grow, the summed excess breaking ties). Only the description's channel order
 changes: the export then checks, on the whole test set, that the integer reference
 still classifies every image as the float model does.
 """
@@ -80,21 +80,21 @@ def _fold_table(folding_path):
 
 
 def _search(rows, cols, order, iterations, rng):
-    """Local search over ``order`` (a permutation of layer L's outputs) minimising
-    ``(max excess, summed excess)`` of layer L (``rows``: counts [C, Cin], its PEs are the
-    residues mod PE of the new positions) and layer L+1 (``cols``: counts [M', C], its lanes
-    are the residues mod SIMD of the new positions)."""
+    """Local search over ``order`` (a permutation of layer L's outputs, changed in place) minimising
+    ``(max excess, summed excess)`` of layer L (``rows``, a :class:`_Layer` or None: its PEs
+    are the residues mod PE of the new positions) and layer L+1 (``cols``: its lanes are the
+    residues mod SIMD of the new positions)."""
     def cost(o):
         e = []
         if rows:
-            e.append(rows[0].excess(rows[1][o]))
+            e.append(rows.excess(rows.counts[o]))
         if cols:
-            e.append(cols[0].excess(cols[1][:, o]))
+            e.append(cols.excess(cols.counts[:, o]))
         return (max(e), sum(e))
 
     best = cost(order)
     c = len(order)
-    mods = [x[0].pe for x in (rows,) if x] + [x[0].simd for x in (cols,) if x]
+    mods = ([rows.pe] if rows else []) + ([cols.simd] if cols else [])
     for _ in range(iterations):
         mod = rng.choice(mods)
         if mod == 1:
@@ -108,7 +108,6 @@ def _search(rows, cols, order, iterations, rng):
             best = now
         else:
             order[a], order[b] = order[b], order[a]
-    return best
 
 
 def balance_channels(layers, folding_path, iterations=6000, seed=0):
@@ -155,8 +154,8 @@ def balance_channels(layers, folding_path, iterations=6000, seed=0):
         if not (ternary[a] or ternary[b]):
             continue
         c = chans[a]
-        rows = (model(a, cin_of[a]), model(a, cin_of[a]).counts) if ternary[a] else None
-        cols = (model(b, c), model(b, c).counts) if ternary[b] else None
+        rows = model(a, cin_of[a]) if ternary[a] else None
+        cols = model(b, c) if ternary[b] else None
         order = list(range(c))
         _search(rows, cols, order, iterations, rng)
         perm = np.array(order)
