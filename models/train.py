@@ -214,7 +214,29 @@ def load_teacher(name, run_dir=None):
         teacher = build_model(ck["config"])
     teacher.load_state_dict(ck["model"])
     teacher.eval().requires_grad_(False)
+    flush_subnormals(teacher)
     return teacher, ck
+
+
+def flush_subnormals(module):
+    """Set every float parameter and buffer of ``module`` whose magnitude is below float32's
+    smallest normal number (but not zero) to zero, in place; return how many there were.
+
+    Weight decay drives a trained float model's unused weights towards zero: float_cifar holds
+    961,849 subnormal parameters and buffers, and an x86 CPU computes on subnormal operands
+    many times slower, so its forward pass as a distillation teacher took 0.73 s per batch of
+    128 instead of 0.09 s (2 threads) and dominated a distilled epoch. Values below 1.2e-38
+    contribute nothing at float32 precision: float_cifar's logits on a training batch are the
+    same to the bit after the flush."""
+    tiny = torch.finfo(torch.float32).tiny
+    n = 0
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.is_floating_point():
+                small = (t.abs() < tiny) & (t != 0)
+                n += int(small.sum())
+                t[small] = 0
+    return n
 
 
 def distill_loss(logits, targets, teacher_logits, temperature, weight):

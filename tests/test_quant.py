@@ -116,3 +116,32 @@ def test_train_device_is_validated():
     if not torch.cuda.is_available():
         with pytest.raises(QnnfabError, match="no CUDA device"):
             train("bnn_mnist", epochs=1, device="cuda", run_dir="/nonexistent-never-created")
+
+
+def test_flush_subnormals_zeroes_only_subnormal_parameters_and_buffers_and_keeps_outputs():
+    """A distillation teacher's subnormal weights (weight decay leaves ~1M in float_cifar) are
+    set to zero: normal values, zeros and integers stay, and the outputs are unchanged."""
+    from models.train import flush_subnormals
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        w = net[0].weight
+        w[0, :5] = torch.tensor([tiny / 2, -tiny / 4, tiny, 0.0, 1e-40])   # 3 subnormal, 1 normal, 1 zero
+        net[1].running_mean[2] = -tiny / 8                                  # a subnormal buffer
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        ref = net(x)
+    assert flush_subnormals(net) == 4
+    after = net.state_dict()
+    assert after["0.weight"][0, :5].tolist() == [0.0, 0.0, tiny, 0.0, 0.0]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"0.weight", "1.running_mean"}
+    mask = torch.ones_like(before["0.weight"], dtype=torch.bool)
+    mask[0, [0, 1, 4]] = False
+    assert torch.equal(before["0.weight"][mask], after["0.weight"][mask])
+    assert after["1.num_batches_tracked"] == before["1.num_batches_tracked"]
+    with torch.no_grad():
+        assert torch.equal(net(x), ref)
+    assert flush_subnormals(net) == 0
