@@ -181,7 +181,7 @@ def test_bnn_cifar_registry_entry():
     assert [f.out_features for f in model.fcs] + [model.out.out_features] == [512, 512, 10]
     x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     assert model(x).shape == (2, 10)
-    # the committed snapshot of the finished 50-epoch cycle resumes under the recipe as it is now
+    # the committed snapshot (past the 50-epoch cycle) resumes under the recipe as it is now
     # (warm restarts and distillation from float_cifar, both from epoch 50 on)
     from models.train import _recipe, _resumable, _validate_distill
     from qnnfab.paths import REPO_ROOT
