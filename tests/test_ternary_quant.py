@@ -221,11 +221,18 @@ def test_tnn_cifar_registry_entry():
         # the sweep fine-tunes tnn_cifar: it differs only in the TWN threshold, start, length and
         # in distilling from its first epoch (tnn_cifar distills its last third)
         assert sweep["init_from"] == "tnn_cifar" and sweep["epochs"] == nets.SWEEP_EPOCHS < cfg["epochs"]
+        assert "restarts" not in sweep and cfg["restarts"]
         assert sweep["distill"] == dict(cfg["distill"], from_epoch=0) and cfg["distill"]["from_epoch"] > 0
         assert {k: v for k, v in sweep["net_args"].items() if k != "delta_factor"} == \
             {k: v for k, v in cfg["net_args"].items() if k != "delta_factor"}
-        skip = ("net_args", "description", "name", "init_from", "epochs", "distill")
+        skip = ("net_args", "description", "name", "init_from", "epochs", "distill", "restarts")
         assert {k: v for k, v in sweep.items() if k not in skip} == {k: v for k, v in cfg.items() if k not in skip}
+    # the committed snapshot (the 30-epoch cycle or past it) resumes under the recipe as it is now
+    # (the warm restart appended to it)
+    from models.train import _recipe, _resumable
+    from qnnfab.paths import REPO_ROOT
+    ck = load_checkpoint(REPO_ROOT / "models" / "checkpoints" / "tnn_cifar.pt")
+    assert ck["epoch"] >= cfg["epochs"] and _resumable(ck["recipe"], json.loads(json.dumps(_recipe(cfg))), ck["epoch"])
 
 
 def test_small_tnn_train_and_export(tmp_path, monkeypatch, cifar_test):
