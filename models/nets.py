@@ -345,7 +345,7 @@ MODELS = {
         # the 30-epoch cycle ended at 81.79% (integer 81.79%) still fitting: 83.2% on the augmented
         # training batches, 86.3% on 10,000 un-augmented training images, under the teacher's 85.8%
         # test accuracy; a 40-epoch warm restart at the first peak, distilled throughout, trains on
-        # from it (~160 s per epoch on 2 cores: it spans sessions; export at its end)
+        # from it (180-194 s per epoch on 2 cores: it spans sessions; export at its end)
         "restarts": [[40, 0.0005]],
         "batch_size": 128,
         "lr": 0.0005,
@@ -426,7 +426,9 @@ for _factor in (1.0, 1.4):
     _entry["init_from"] = "tnn_cifar"
     _entry["epochs"] = SWEEP_EPOCHS
     _entry["distill"] = dict(_entry["distill"], from_epoch=0)   # all of it, as tnn_cifar's last third
-    _entry.pop("restarts", None)     # fine-tuned from tnn_cifar's 30-epoch cycle, one cosine cycle
+    # one cosine cycle, no warm restart (the committed sweep points were fine-tuned from tnn_cifar's
+    # 30-epoch checkpoint; a fresh run starts from whichever tnn_cifar checkpoint is there)
+    _entry.pop("restarts", None)
     _entry["description"] = (f"tnn_cifar with the sparser TWN threshold {_factor}*mean|W| (sparsity sweep; "
                              f"{SWEEP_EPOCHS} epochs fine-tuned from tnn_cifar).")
     MODELS[f"tnn_cifar_d{round(_factor * 10)}"] = _entry
