@@ -348,7 +348,7 @@ MODELS = {
         # from it (180-194 s per epoch on 2 cores: it spans sessions; export at its end). It ended
         # at epoch 70 with 83.36% (integer 83.36%), 85.9% on the augmented training batches: a
         # second, 25-epoch restart at 40% of that peak (distilled) trains on from it (to epoch 95:
-        # 83.55%, integer 83.55%; 208-222 s per epoch)
+        # 83.55%, integer 83.55%; 207-223 s per epoch)
         "restarts": [[40, 0.0005], [25, 0.0002]],
         "batch_size": 128,
         "lr": 0.0005,
