@@ -392,3 +392,63 @@ def test_distillation_from_a_finished_teacher_resumes_and_is_refused_when_malfor
     student["distill"] = {"teacher": tiny_registry, "from_epoch": 1, "temperature": 2.0, "weight": 0.5}
     export("tiny_student", run_dir=run, out_dir=tmp_path / "q")
     assert load_qmd(tmp_path / "q").provenance["recipe"]["distill"]["teacher"] == tiny_registry
+
+
+def test_precise_batch_norm_and_weight_averaging_finish_a_run_and_keep_it_resumable(tmp_path, tiny_registry,
+                                                                                     monkeypatch):
+    """``precise_bn`` added to a finished recipe replaces its batch norms' running statistics by
+    the equal-weight average over an augmented pass of the training images (the weights stay);
+    ``swa`` keeps the running average of the parameters from its epoch on, and the finished
+    checkpoint's ``model`` is that average (with precise statistics) while training resumes from
+    ``train_model``; both may join a finished run's recipe, and malformed entries are refused."""
+    from models.train import precise_batch_norm, swa_update
+    run = tmp_path / "run"
+    train(tiny_registry, run_dir=run, seed=3, progress=False)
+    before = load_checkpoint(run / "ckpt.pt")
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "precise_bn", {"images": 1000})
+    s = train(tiny_registry, run_dir=run, seed=3, progress=False)
+    after = load_checkpoint(run / "ckpt.pt")
+    assert after["precise_bn"]["images"] == 1000 and after["precise_bn"]["seed"] == 0
+    assert s["test_accuracy"] == after["precise_bn"]["test_accuracy"] > 0.5
+    assert after["history"] == before["history"]
+    for key, value in before["model"].items():
+        if "running_" in key:
+            assert not torch.equal(value, after["model"][key]), key
+        elif "num_batches" not in key:
+            assert torch.equal(value, after["model"][key]), key
+    # the statistics are those of the augmented batches, every batch weighing the same
+    cfg = nets.model_config(tiny_registry)
+    model = nets.build_model(cfg)
+    model.load_state_dict(after["model"])
+    x, _ = load_dataset("mnist", "train")
+    x = torch.from_numpy(x[:1000])
+    assert precise_batch_norm(model, x, cfg, 1000, 0) == 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, after["model"][key]), key
+    # swa from epoch 3 of a restart of 2 epochs: the average of the epoch-4 and epoch-5 weights
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "restarts", [[2, 0.004]])
+    monkeypatch.setitem(nets.MODELS[tiny_registry], "swa", {"from_epoch": 3})
+    train(tiny_registry, run_dir=run, seed=3, progress=False, stop_after=1)
+    epoch4 = load_checkpoint(run / "ckpt.pt")
+    assert epoch4["swa"]["count"] == 1 and "train_model" not in epoch4
+    s = train(tiny_registry, run_dir=run, seed=3, progress=False)
+    done = load_checkpoint(run / "ckpt.pt")
+    assert done["epoch"] == 5 and done["swa"]["count"] == 2 and done["precise_bn"]["swa_epochs"] == 2
+    for key in done["swa"]["average"]:
+        expect = (epoch4["model"][key] + done["train_model"][key]) / 2
+        assert torch.allclose(done["model"][key], expect, rtol=0, atol=1e-6), key
+        assert torch.equal(done["model"][key], done["swa"]["average"][key]), key
+    assert s["test_accuracy"] == done["precise_bn"]["test_accuracy"] > 0.5
+    assert swa_update(None, 0, model).keys() == dict(model.named_parameters()).keys()
+    # a finished run with both applied has nothing to do
+    again = train(tiny_registry, run_dir=run, seed=3, progress=False)
+    assert again["test_accuracy"] == s["test_accuracy"]
+    # malformed entries
+    for key, bad, message in (("precise_bn", {"images": 0}, "images must be an int >= 1"),
+                              ("precise_bn", {"batches": 3}, "must be a dict with the fields images, seed"),
+                              ("swa", {"from_epoch": 9}, "from_epoch must be an epoch of the run"),
+                              ("swa", {"start": 1}, "must be a dict with the one field from_epoch")):
+        monkeypatch.setitem(nets.MODELS[tiny_registry], key, bad)
+        with pytest.raises(QnnfabError, match=message):
+            train(tiny_registry, run_dir=tmp_path / "bad", seed=3, progress=False)
+        monkeypatch.delitem(nets.MODELS[tiny_registry], key)

@@ -222,10 +222,11 @@ def test_tnn_cifar_registry_entry():
         # in distilling from its first epoch (tnn_cifar distills its last third)
         assert sweep["init_from"] == "tnn_cifar" and sweep["epochs"] == nets.SWEEP_EPOCHS < cfg["epochs"]
         assert "restarts" not in sweep and cfg["restarts"]
+        assert "swa" not in sweep and "precise_bn" not in sweep and cfg["swa"] and cfg["precise_bn"]
         assert sweep["distill"] == dict(cfg["distill"], from_epoch=0) and cfg["distill"]["from_epoch"] > 0
         assert {k: v for k, v in sweep["net_args"].items() if k != "delta_factor"} == \
             {k: v for k, v in cfg["net_args"].items() if k != "delta_factor"}
-        skip = ("net_args", "description", "name", "init_from", "epochs", "distill", "restarts")
+        skip = ("net_args", "description", "name", "init_from", "epochs", "distill", "restarts", "swa", "precise_bn")
         assert {k: v for k, v in sweep.items() if k not in skip} == {k: v for k, v in cfg.items() if k not in skip}
     # the committed snapshot (the 30-epoch cycle or past it) resumes under the recipe as it is now
     # (the warm restart appended to it)
