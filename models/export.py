@@ -384,6 +384,10 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["restarts"] = cfg["restarts"]        # warm restarts after the main cosine cycle
     if cfg.get("distill"):
         recipe["distill"] = cfg["distill"]          # the teacher and loss it was distilled with
+    if cfg.get("swa"):
+        recipe["swa"] = cfg["swa"]                  # the exported weights average these epochs'
+    if cfg.get("precise_bn"):
+        recipe["precise_bn"] = ck.get("precise_bn") or cfg["precise_bn"]   # how its BN statistics were taken
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,
