@@ -386,8 +386,8 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["distill"] = cfg["distill"]          # the teacher and loss it was distilled with
     if cfg.get("swa"):
         recipe["swa"] = cfg["swa"]                  # the exported weights average these epochs'
-    if cfg.get("precise_bn"):
-        recipe["precise_bn"] = ck.get("precise_bn") or cfg["precise_bn"]   # how its BN statistics were taken
+    if ck.get("precise_bn") or cfg.get("precise_bn"):   # how its BN statistics were taken (the record of
+        recipe["precise_bn"] = ck.get("precise_bn") or cfg["precise_bn"]   # a finished run's checkpoint)
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,

@@ -222,7 +222,7 @@ def test_tnn_cifar_registry_entry():
         # in distilling from its first epoch (tnn_cifar distills its last third)
         assert sweep["init_from"] == "tnn_cifar" and sweep["epochs"] == nets.SWEEP_EPOCHS < cfg["epochs"]
         assert "restarts" not in sweep and cfg["restarts"]
-        assert "swa" not in sweep and "precise_bn" not in sweep and cfg["swa"] and cfg["precise_bn"]
+        assert "swa" not in sweep and "precise_bn" not in sweep and cfg["precise_bn"]
         assert sweep["distill"] == dict(cfg["distill"], from_epoch=0) and cfg["distill"]["from_epoch"] > 0
         assert {k: v for k, v in sweep["net_args"].items() if k != "delta_factor"} == \
             {k: v for k, v in cfg["net_args"].items() if k != "delta_factor"}
