@@ -384,10 +384,10 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["restarts"] = cfg["restarts"]        # warm restarts after the main cosine cycle
     if cfg.get("distill"):
         recipe["distill"] = cfg["distill"]          # the teacher and loss it was distilled with
-    if cfg.get("swa"):
-        recipe["swa"] = cfg["swa"]                  # the exported weights average these epochs'
-    if ck.get("precise_bn") or cfg.get("precise_bn"):   # how its BN statistics were taken (the record of
-        recipe["precise_bn"] = ck.get("precise_bn") or cfg["precise_bn"]   # a finished run's checkpoint)
+    if ck.get("precise_bn"):                        # applied to this checkpoint: how its BN statistics
+        recipe["precise_bn"] = ck["precise_bn"]     # were taken (and over how many epochs' weight average)
+        if ck["precise_bn"].get("swa_epochs"):
+            recipe["swa"] = cfg["swa"]
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,

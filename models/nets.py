@@ -307,11 +307,11 @@ MODELS = {
         # 10,000 un-augmented training images), and a second, longer one from there (60 epochs, ~3 h on 2 cores,
         # across sessions; epoch 140: 78.79% test, 79.2% on the augmented training batches)
         "restarts": [[30, 0.002], [60, 0.002]],
-        # (precise_bn, as tnn_cifar's, was measured on the epoch-140 model: 78.79% -> 78.80%, not adopted)
         # and learns from float_cifar's soft labels during the restart (ReActNet's distributional
         # loss: pure KL to the teacher, T = 1): a binary CNV that fits its training set no better
         # than its test set gains from a float teacher's richer targets
         "distill": {"teacher": "float_cifar", "from_epoch": 50, "temperature": 1.0, "weight": 1.0},
+        # (precise_bn, as tnn_cifar's, was measured on the epoch-140 model: 78.79% -> 78.80%, not adopted)
         "description": ("FINN CNV W1A1 convolutional network for CIFAR-10: uint8 RGB input, "
                         "3x3 valid convolutions 64-64-pool-128-128-pool-256-256 and dense "
                         "256-512-512-10, binary weights and activations, batch norm (and the "

@@ -180,8 +180,8 @@ def _validate_restarts(model_name, cfg):
 def _resumable(ck_recipe, recipe, ck_epoch):
     """Whether a checkpoint trained for ``ck_epoch`` epochs under ``ck_recipe`` continues under
     ``recipe``: the same recipe, except that ``recipe`` may append warm restarts to the
-    checkpoint's, add a ``distill`` that starts at or after ``ck_epoch``, and add, change or
-    drop ``precise_bn`` (applied after the last epoch, it changes no trained epoch)."""
+    checkpoint's, add a ``distill`` or an ``swa`` that starts at or after ``ck_epoch``, and add,
+    change or drop ``precise_bn`` (applied after the last epoch, it changes no trained epoch)."""
     a, b = dict(ck_recipe), dict(recipe)
     a.pop("precise_bn", None), b.pop("precise_bn", None)
     ra, rb = a.pop("restarts", []), b.pop("restarts", [])
@@ -294,7 +294,7 @@ def _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap
     ``model`` holds) unless it already was with these settings; save it and return ``ck``."""
     pb = cfg["precise_bn"]
     done = ck.get("precise_bn")
-    swa = ck.get("swa")
+    swa = ck.get("swa") if cfg.get("swa") else None
     if done and done["epoch"] == ck["epoch"] and done["images"] == pb["images"] and done["seed"] == pb["seed"] \
             and done.get("swa_epochs", 0) == (swa["count"] if swa else 0):
         print(f"{model_name}: already trained for {ck['epoch']} epochs, precise batch norm applied (test accuracy "
@@ -583,7 +583,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         else:
             print(f"{model_name}: already trained for {start} epochs (test accuracy "
                   f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
-        return _summary(model_name, cfg, ckpt_path if cfg.get("precise_bn") else resume_path, history, best,
+        return _summary(model_name, cfg, ckpt_path if ckpt_path.is_file() else resume_path, history, best,
                         elapsed, ck.get("precise_bn"))
 
     distill = cfg.get("distill")
