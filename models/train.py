@@ -38,6 +38,10 @@ w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the teacher (its f
 checkpoint, in eval mode) seeing the same augmented batch. ``w = 1, T = 1`` is ReActNet's
 distributional loss for binary networks. Like a restart, a ``distill`` whose ``from_epoch`` is
 not before a checkpoint's epoch may be added to its recipe, which keeps the run resumable.
+Its optional ``flip_from_epoch`` ``f`` makes the teacher's logits, from (0-based) epoch ``f`` on,
+the mean of its logits on the batch and on the batch mirrored left-right (test-time flip
+augmentation of the teacher: float_cifar's test accuracy is 85.79% alone, 86.97% flip-averaged);
+it may likewise be added to a checkpoint's ``distill`` when ``f`` is not before its epoch.
 
 Precise batch norm: a recipe's ``precise_bn`` ``{"images": n, "seed": s}`` replaces, once the
 last epoch is trained, every batch norm's running statistics (the exponential averages of the
@@ -180,12 +184,17 @@ def _validate_restarts(model_name, cfg):
 def _resumable(ck_recipe, recipe, ck_epoch):
     """Whether a checkpoint trained for ``ck_epoch`` epochs under ``ck_recipe`` continues under
     ``recipe``: the same recipe, except that ``recipe`` may append warm restarts to the
-    checkpoint's, add a ``distill`` or an ``swa`` that starts at or after ``ck_epoch``, and add,
+    checkpoint's, add a ``distill`` or an ``swa`` that starts at or after ``ck_epoch`` (or a
+    ``distill`` ``flip_from_epoch`` at or after it to the checkpoint's ``distill``), and add,
     change or drop ``precise_bn`` (applied after the last epoch, it changes no trained epoch)."""
     a, b = dict(ck_recipe), dict(recipe)
     a.pop("precise_bn", None), b.pop("precise_bn", None)
     ra, rb = a.pop("restarts", []), b.pop("restarts", [])
     later_ok = True
+    da, db = a.get("distill"), b.get("distill")
+    if da is not None and db is not None and "flip_from_epoch" not in da and "flip_from_epoch" in db:
+        later_ok &= db["flip_from_epoch"] >= ck_epoch        # the flip-averaged teacher comes later
+        b["distill"] = {k: v for k, v in db.items() if k != "flip_from_epoch"}
     for key in ("distill", "swa"):              # may start at or after the checkpoint's epoch
         da, db = a.pop(key, None), b.pop(key, None)
         later_ok &= da == db or (da is None and db["from_epoch"] >= ck_epoch)
@@ -203,16 +212,20 @@ def _validate_distill(model_name, cfg):
     where = f"{model_name}: distill"
     if not isinstance(d, dict) or not isinstance(d.get("teacher"), str):
         raise QnnfabError(f"{where} must be a dict with a 'teacher' model name, got {d!r}")
-    unknown = set(d) - {"teacher", *DISTILL_DEFAULTS}
+    unknown = set(d) - {"teacher", "flip_from_epoch", *DISTILL_DEFAULTS}
     if unknown:
         raise QnnfabError(f"{where}: unknown field(s) {', '.join(sorted(unknown))} "
-                          f"(known: teacher, {', '.join(DISTILL_DEFAULTS)})")
+                          f"(known: teacher, {', '.join(DISTILL_DEFAULTS)}, flip_from_epoch)")
     d = DISTILL_DEFAULTS | d
     if d["teacher"] == model_name:
         raise QnnfabError(f"{where}: a model cannot be its own teacher")
     if not (isinstance(d["from_epoch"], int) and 0 <= d["from_epoch"] < total_epochs(cfg)):
         raise QnnfabError(f"{where}: from_epoch must be an epoch of the run (0 to {total_epochs(cfg) - 1}), "
                           f"got {d['from_epoch']!r}")
+    if "flip_from_epoch" in d and not (isinstance(d["flip_from_epoch"], int)
+                                       and d["from_epoch"] <= d["flip_from_epoch"] < total_epochs(cfg)):
+        raise QnnfabError(f"{where}: flip_from_epoch must be an epoch of the run from from_epoch on "
+                          f"({d['from_epoch']} to {total_epochs(cfg) - 1}), got {d['flip_from_epoch']!r}")
     if not (isinstance(d["temperature"], (int, float)) and d["temperature"] > 0):
         raise QnnfabError(f"{where}: temperature must be > 0, got {d['temperature']!r}")
     if not (isinstance(d["weight"], (int, float)) and 0 < d["weight"] <= 1):
@@ -369,6 +382,15 @@ def flush_subnormals(module):
                 n += int(small.sum())
                 t[small] = 0
     return n
+
+
+def teacher_output(teacher, x, flip_average):
+    """The teacher's logits for the uint8 batch ``x`` ``[B, H, W, C]``; with ``flip_average``
+    the mean of its logits on ``x`` and on ``x`` mirrored left-right (no RNG is used)."""
+    logits = teacher(x)
+    if flip_average:
+        logits = (logits + teacher(x.flip(2))) / 2
+    return logits
 
 
 def distill_loss(logits, targets, teacher_logits, temperature, weight):
@@ -591,8 +613,10 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     if distill and end_epoch(n_epochs, start, stop_after) > distill["from_epoch"]:
         teacher, tck = load_teacher(distill["teacher"], teacher_dir)
         teacher = teacher.to(dev)
+        flip = (f", flip-averaged from epoch {distill['flip_from_epoch'] + 1}"
+                if "flip_from_epoch" in distill else "")
         print(f"{model_name}: distilling from {distill['teacher']} (epoch {tck['epoch']}, test accuracy "
-              f"{tck['history'][-1]['test_accuracy']:.4f}) from epoch {distill['from_epoch'] + 1}, "
+              f"{tck['history'][-1]['test_accuracy']:.4f}) from epoch {distill['from_epoch'] + 1}{flip}, "
               f"T={distill['temperature']:g}, weight {distill['weight']:g}", flush=True)
     xtr, ytr = _load_data(cfg, "train")
     xte, yte = _load_data(cfg, "test")
@@ -622,7 +646,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
             logits = step_model(x)
             if taught:
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
+                    teacher_logits = teacher_output(teacher, x, epoch >= distill.get("flip_from_epoch", n_epochs))
                 loss = distill_loss(logits, y, teacher_logits, distill["temperature"], distill["weight"])
             else:
                 loss = F.cross_entropy(logits, y)

@@ -394,6 +394,60 @@ def test_distillation_from_a_finished_teacher_resumes_and_is_refused_when_malfor
     assert load_qmd(tmp_path / "q").provenance["recipe"]["distill"]["teacher"] == tiny_registry
 
 
+def test_flip_averaged_teacher_is_added_to_a_distilled_run_and_resumes(tmp_path, tiny_registry, monkeypatch):
+    """A ``distill`` ``flip_from_epoch`` makes the teacher's logits, from that epoch on, the mean
+    of its logits on the batch and on its mirror image; it may be added to a distilled checkpoint
+    at or before that epoch (the run equals an uninterrupted one), not to one past it, and a
+    malformed value is a one-line error."""
+    from models.train import load_teacher, teacher_output
+    teacher_dir = tmp_path / "teacher"
+    train(tiny_registry, run_dir=teacher_dir, seed=1, progress=False)
+    teacher, _ = load_teacher(tiny_registry, teacher_dir)
+    x = torch.randint(0, 256, (6, 28, 28, 1), dtype=torch.uint8)
+    mirrored = x[:, :, torch.arange(27, -1, -1)]
+    with torch.no_grad():
+        expect = (teacher(x) + teacher(mirrored)) / 2
+        assert torch.equal(teacher_output(teacher, x, False), teacher(x))
+        assert torch.allclose(teacher_output(teacher, x, True), expect, rtol=0, atol=1e-6)
+        assert not torch.allclose(teacher_output(teacher, x, True), teacher(x))
+
+    plain_distill = {"teacher": tiny_registry, "from_epoch": 0, "temperature": 2.0, "weight": 0.5}
+    student = dict(nets.MODELS[tiny_registry], description="tiny student", distill=dict(plain_distill))
+    monkeypatch.setitem(nets.MODELS, "tiny_student", student)
+    run = tmp_path / "resumed"
+    train("tiny_student", run_dir=run, seed=3, progress=False, stop_after=2, teacher_dir=teacher_dir)
+    epoch2 = load_checkpoint(run / "ckpt.pt")
+    student["distill"] = dict(plain_distill, flip_from_epoch=2)
+    s = train("tiny_student", run_dir=run, seed=3, progress=False, teacher_dir=teacher_dir)
+    assert s["epochs_done"] == 3 and s["test_accuracy"] > 0.5
+    resumed = load_checkpoint(run / "ckpt.pt")
+    assert resumed["history"][:2] == epoch2["history"]
+    assert resumed["recipe"]["distill"]["flip_from_epoch"] == 2
+    straight = tmp_path / "straight"
+    train("tiny_student", run_dir=straight, seed=3, progress=False, teacher_dir=teacher_dir)
+    b = load_checkpoint(straight / "ckpt.pt")
+    for key in resumed["model"]:
+        assert torch.equal(resumed["model"][key], b["model"][key]), key
+    # the flip-averaged epoch optimised another loss than the plain teacher's
+    student["distill"] = dict(plain_distill)
+    plain = tmp_path / "plain"
+    train("tiny_student", run_dir=plain, seed=3, progress=False, teacher_dir=teacher_dir)
+    p = load_checkpoint(plain / "ckpt.pt")
+    same = ("loss", "train_accuracy", "test_accuracy")
+    assert [[h[k] for k in same] for h in p["history"][:2]] == [[h[k] for k in same] for h in epoch2["history"]]
+    assert p["history"][2]["loss"] != resumed["history"][2]["loss"]
+    # added to a checkpoint past flip_from_epoch it would change a trained epoch: refused
+    student["distill"] = dict(plain_distill, flip_from_epoch=1)
+    with pytest.raises(QnnfabError, match="different recipe or seed"):
+        train("tiny_student", run_dir=plain, seed=3, progress=False, teacher_dir=teacher_dir)
+    # malformed: before the distillation starts, past the run, not an int
+    for bad in (dict(plain_distill, from_epoch=1, flip_from_epoch=0), dict(plain_distill, flip_from_epoch=3),
+                dict(plain_distill, flip_from_epoch="2")):
+        student["distill"] = bad
+        with pytest.raises(QnnfabError, match=r"distill: flip_from_epoch must be an epoch of the run"):
+            train("tiny_student", run_dir=tmp_path / "z", seed=3, progress=False, teacher_dir=teacher_dir)
+
+
 def test_precise_batch_norm_and_weight_averaging_finish_a_run_and_keep_it_resumable(tmp_path, tiny_registry,
                                                                                      monkeypatch):
     """``precise_bn`` added to a finished recipe replaces its batch norms' running statistics by
