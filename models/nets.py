@@ -363,7 +363,7 @@ MODELS = {
         # on from the epoch-95 model with precise batch norm against float_cifar's flip-averaged
         # logits (a stronger teacher: 86.97% on the test set against 85.79%): 81.7-84.1% over
         # epochs 96-109, 84.23% at epoch 110, 84.22% with precise batch norm (integer 84.22%);
-        # 234-303 s per epoch with 2 threads, the teacher's two passes included
+        # 234-281 s per epoch with 2 threads alone, the teacher's two passes included
         "restarts": [[40, 0.0005], [25, 0.0002], [15, 0.0001]],
         "precise_bn": {"images": 50000, "seed": 0},
         "batch_size": 128,
