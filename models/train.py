@@ -87,26 +87,6 @@ CKPT = "ckpt.pt"
 # wait for a descheduled thread), and on an idle machine two gain only ~10% on this MLP.
 THREADS = max(1, min(2, int(os.environ.get("QNNFAB_THREADS", "1"))))
 
-# glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory():
-    """Make glibc's allocator keep freed memory for reuse instead of returning it to the
-    kernel: blocks up to 32 MiB (glibc's largest mmap threshold; a CNV layer's activations
-    for a batch of 128 are up to 29.5 MB) come from the heap, which is never trimmed, and it
-    grows 1 GiB at a time. Otherwise every training step's activation buffers are mapped
-    afresh and page-faulted in: one bnn_cifar epoch with two threads took 48,000 page faults
-    per second and half the CPU time in the kernel, 1.17 batches/s; with this, no page faults
-    and 1.46 batches/s. Returns whether it applied (False where the C library is not glibc)."""
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, 32 * 1024 * 1024), (_M_TRIM_THRESHOLD, 2 ** 31 - 1), (_M_TOP_PAD, 1024 ** 3)))
-
 
 SNAPSHOT_DIR = REPO_ROOT / "models" / "checkpoints"
 
@@ -570,7 +550,6 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     """
     dev = _device(device)
     torch.set_num_threads(THREADS)
-    keep_freed_memory()
     cfg = model_config(model_name)
     if epochs is not None:
         if epochs < 1:

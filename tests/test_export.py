@@ -2,8 +2,6 @@
 train -> export pipeline (resumable), and the shipped ``bnn_mnist`` description."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -508,33 +506,3 @@ def test_precise_batch_norm_and_weight_averaging_finish_a_run_and_keep_it_resuma
         with pytest.raises(QnnfabError, match=message):
             train(tiny_registry, run_dir=tmp_path / "bad", seed=3, progress=False)
         monkeypatch.delitem(nets.MODELS[tiny_registry], key)
-
-
-_PAGE_FAULTS_PER_BUFFER = """
-import resource, torch
-from models.train import keep_freed_memory
-applied = keep_freed_memory()
-torch.set_num_threads(1)
-x = torch.randn(128, 64, 30, 30)       # a CNV layer's activations for a batch: 29.5 MB
-for _ in range(25):                    # warm-up: the heap grows to hold the buffers and settles
-    y = (x * 2).relu()
-    del y
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    y = (x * 2).relu()
-    del y
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-def test_training_keeps_freed_activation_buffers_instead_of_page_faulting_them_in_again():
-    # in a fresh process: the allocator's settings are the whole process's
-    out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS_PER_BUFFER], check=True,
-                         capture_output=True, text=True).stdout.split()
-    applied, kept_faults = out[0], int(out[1])
-    pages_per_buffer = 128 * 64 * 30 * 30 * 4 / 4096
-    # kept in the heap and reused: 0 page faults over these 20 steps when run alone, once 7,200
-    # (one buffer placed afresh) in the whole suite; glibc's own heuristics, measured the same
-    # way, faulted in 7,200 to 287,360 pages (both of a step's buffers in every step), depending
-    # on the heap's history
-    assert applied == "True" and kept_faults < 2 * pages_per_buffer
