@@ -388,6 +388,8 @@ def export(model_name, run_dir=None, out_dir=None):
         recipe["precise_bn"] = ck["precise_bn"]     # were taken (and over how many epochs' weight average)
         if ck["precise_bn"].get("swa_epochs"):
             recipe["swa"] = cfg["swa"]
+    if ck.get("top_finetune"):                      # the last layers retrained on cached features
+        recipe["top_finetune"] = {k: v for k, v in ck["top_finetune"].items() if k != "history"}
     provenance = {
         "qat_accuracy": qat_acc,
         "integer_accuracy_at_export": None,

@@ -54,6 +54,11 @@ rates of 7e-6 and less). It may be added to a finished run's recipe: the next ``
 applies it to the checkpoint, records ``precise_bn`` (the test accuracy before and after) in it,
 and keeps the run resumable.
 
+Top fine-tuning: a recipe's ``top_finetune`` retrains, once the last epoch (and ``precise_bn``) is
+done, a CNV's last convolutions and dense layers on cached features of its frozen first ones
+against the distillation teacher, with weight averaging (:mod:`models.top_finetune`). Like
+``precise_bn`` it may be added to a finished run's recipe and keeps the run resumable.
+
 Stochastic weight averaging: a recipe's ``swa`` ``{"from_epoch": e}`` keeps the equal-weight
 average of the parameters (latent weights included) at the end of every (0-based) epoch from
 ``e`` on (Izmailov et al. 2018); once the last epoch is trained, the checkpoint's ``model`` is
@@ -78,6 +83,7 @@ from tqdm import tqdm
 from models.data import load_dataset
 from models.nets import build_model, model_config
 from models.quant import clip_latent_weights, inq_fraction_at, inq_freeze
+from models.top_finetune import apply_top_finetune, validate_top_finetune
 from qnnfab.errors import QnnfabError
 from qnnfab.paths import REPO_ROOT
 
@@ -144,7 +150,8 @@ def _recipe(cfg):
     return {k: cfg[k] for k in ("net", "net_args", "dataset", "epochs", "batch_size", "lr",
                                  "lr_min", "weight_decay") if k in cfg} | \
         {k: cfg[k] for k in ("augment_shift", "augment_flip", "train_limit", "test_limit", "init_from",
-                             "inq_schedule", "restarts", "distill", "precise_bn", "swa") if cfg.get(k)}
+                             "inq_schedule", "restarts", "distill", "precise_bn", "swa", "top_finetune")
+                          if cfg.get(k)}
 
 
 def _cycles(cfg):
@@ -186,9 +193,11 @@ def _resumable(ck_recipe, recipe, ck_epoch):
     ``recipe``: the same recipe, except that ``recipe`` may append warm restarts to the
     checkpoint's, add a ``distill`` or an ``swa`` that starts at or after ``ck_epoch`` (or a
     ``distill`` ``flip_from_epoch`` at or after it to the checkpoint's ``distill``), and add,
-    change or drop ``precise_bn`` (applied after the last epoch, it changes no trained epoch)."""
+    change or drop ``precise_bn`` or ``top_finetune`` (applied after the last epoch, they change
+    no trained epoch)."""
     a, b = dict(ck_recipe), dict(recipe)
-    a.pop("precise_bn", None), b.pop("precise_bn", None)
+    for key in ("precise_bn", "top_finetune"):  # applied after the last epoch
+        a.pop(key, None), b.pop(key, None)
     ra, rb = a.pop("restarts", []), b.pop("restarts", [])
     later_ok = True
     da, db = a.get("distill"), b.get("distill")
@@ -340,6 +349,18 @@ def _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap
     print(f"{model_name}: precise batch norm over {min(pb['images'], len(xtr)):,} augmented training images "
           f"({n_bn} batch norms): test acc (float QAT) {before:.4f} -> {after:.4f}", flush=True)
     return ck
+
+
+def _apply_top_finetune(model_name, model, ck, cfg, xtr, ytr, xte, yte, run_dir, teacher_dir, ckpt_path, snap):
+    """Apply the recipe's ``top_finetune`` (:mod:`models.top_finetune`) to the finished checkpoint
+    ``ck``; save it (and its snapshot) when it changed, and return it."""
+    new = apply_top_finetune(model_name, model, ck, cfg, xtr, ytr, xte, yte, run_dir, teacher_dir,
+                             log=lambda msg: print(msg, flush=True))
+    if new is not ck:
+        _save_atomic(new, ckpt_path)
+        if snap is not None:
+            write_snapshot(new, snap)
+    return new
 
 
 def load_teacher(name, run_dir=None):
@@ -559,6 +580,7 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
     _validate_distill(model_name, cfg)
     _validate_precise_bn(model_name, cfg)
     _validate_swa(model_name, cfg)
+    validate_top_finetune(model_name, cfg)
     n_epochs = total_epochs(cfg)
     snap = None if run_dir else snapshot_path(model_name)
     run_dir = Path(run_dir) if run_dir else default_run_dir(model_name)
@@ -598,15 +620,19 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         swa_state = ck.get("swa")
         print(f"resuming {model_name} from epoch {start}/{n_epochs} ({resume_path})", flush=True)
     if start >= n_epochs:
-        if cfg.get("precise_bn"):
-            xtr, _ = _load_data(cfg, "train")
+        if cfg.get("precise_bn") or cfg.get("top_finetune"):
+            xtr, ytr = _load_data(cfg, "train")
             xte, yte = _load_data(cfg, "test")
-            ck = _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap)
+            if cfg.get("precise_bn"):
+                ck = _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap)
+            if cfg.get("top_finetune"):
+                ck = _apply_top_finetune(model_name, model, ck, cfg, xtr, ytr, xte, yte, run_dir, teacher_dir,
+                                         ckpt_path, snap)
         else:
             print(f"{model_name}: already trained for {start} epochs (test accuracy "
                   f"{history[-1]['test_accuracy']:.4f}); nothing to do", flush=True)
         return _summary(model_name, cfg, ckpt_path if ckpt_path.is_file() else resume_path, history, best,
-                        elapsed, ck.get("precise_bn"))
+                        elapsed, ck.get("precise_bn"), ck.get("top_finetune"))
 
     distill = cfg.get("distill")
     teacher = None
@@ -683,9 +709,14 @@ def train(model_name, epochs=None, seed=0, resume=True, run_dir=None, stop_after
         print(f"{model_name} epoch {epoch + 1}/{n_epochs}: lr {lr:.5f} loss {tot_loss / len(xtr):.4f} "
               f"train acc {tot_correct / len(xtr):.4f} test acc (float QAT) {test_acc:.4f} "
               f"best {best:.4f} [{secs:.1f} s]", flush=True)
-    if end >= n_epochs and cfg.get("precise_bn"):
-        ck = _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap)
-        return _summary(model_name, cfg, ckpt_path, history, best, elapsed, ck["precise_bn"])
+    if end >= n_epochs and (cfg.get("precise_bn") or cfg.get("top_finetune")):
+        if cfg.get("precise_bn"):
+            ck = _apply_precise_bn(model_name, model, ck, cfg, xtr, xte, yte, ckpt_path, snap)
+        if cfg.get("top_finetune"):
+            ck = _apply_top_finetune(model_name, model, ck, cfg, xtr, ytr, xte, yte, run_dir, teacher_dir,
+                                     ckpt_path, snap)
+        return _summary(model_name, cfg, ckpt_path, history, best, elapsed, ck.get("precise_bn"),
+                        ck.get("top_finetune"))
     return _summary(model_name, cfg, ckpt_path, history, best, elapsed)
 
 
@@ -694,12 +725,14 @@ def end_epoch(n_epochs, start, stop_after):
     return n_epochs if stop_after is None else min(n_epochs, start + stop_after)
 
 
-def _summary(model_name, cfg, ckpt_path, history, best, elapsed, precise_bn=None):
+def _summary(model_name, cfg, ckpt_path, history, best, elapsed, precise_bn=None, top_finetune=None):
     """What :func:`train` returns; ``test_accuracy`` is the final model's (after precise batch
-    norm, when it was applied)."""
+    norm and top fine-tuning, when they were applied)."""
     acc = history[-1]["test_accuracy"] if history else None
     if precise_bn:
         acc = precise_bn["test_accuracy"]
+    if top_finetune:
+        acc = top_finetune["test_accuracy"]
     return {"model": model_name, "checkpoint": str(ckpt_path), "epochs_done": len(history),
             "epochs": total_epochs(cfg), "test_accuracy": acc,
             "best_test_accuracy": best, "train_seconds": elapsed, "precise_bn": precise_bn}

@@ -189,6 +189,13 @@ def test_bnn_cifar_registry_entry():
     assert cfg["distill"]["teacher"] == "float_cifar" and cfg["distill"]["from_epoch"] == 50
     ck = load_checkpoint(REPO_ROOT / "models" / "checkpoints" / "bnn_cifar.pt")
     assert ck["epoch"] >= 50 and _resumable(ck["recipe"], json.loads(json.dumps(_recipe(cfg))), ck["epoch"])
+    # the snapshot is the finished run with the recipe's top fine-tuning applied, and the committed
+    # QMD was exported from it
+    assert ck["top_finetune"]["settings"] == cfg["top_finetune"] and ck["top_finetune"]["epoch"] == ck["epoch"]
+    from models.qmd import load_qmd
+    prov = load_qmd(REPO_ROOT / "models" / "zoo" / "bnn_cifar").provenance
+    assert prov["recipe"]["top_finetune"]["settings"] == cfg["top_finetune"]
+    assert prov["qat_accuracy"] == ck["top_finetune"]["test_accuracy"] == prov["integer_accuracy_at_export"]
 
 
 def test_small_cnv_train_and_export(tmp_path, monkeypatch, cifar_test):
