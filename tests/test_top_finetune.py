@@ -136,3 +136,7 @@ def test_top_finetune_needs_a_teacher_and_a_cnv(monkeypatch, tmp_path):
                                                          "distill": {"teacher": "float_cifar"}})
     with pytest.raises(QnnfabError, match="only a CNV has convolutions to freeze"):
         train("tiny_sfc", run_dir=tmp_path / "b", progress=False)
+    monkeypatch.setitem(nets.MODELS, "tiny_swa", base | {"net": "CNV", "net_args": SMALL, "swa": {"from_epoch": 0},
+                                                         "distill": {"teacher": "float_cifar"}})
+    with pytest.raises(QnnfabError, match="cannot follow swa"):
+        train("tiny_swa", run_dir=tmp_path / "c", progress=False)
