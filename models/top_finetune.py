@@ -27,9 +27,10 @@ The checkpoint's ``model`` becomes the result, its ``train_model`` keeps the wei
 main run ended with (so warm restarts appended later continue from those), and
 ``top_finetune`` records the settings and the test accuracy before and after. The cache lives in
 ``runs/<model>/top_finetune_cache.pt`` (about 2 GB for CNV, K = 12) and is reused when its
-settings match.
+settings, teacher and frozen weights (:func:`bottom_fingerprint`) match.
 """
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -97,8 +98,20 @@ def top_forward(model, a, split):
     return _dense_head(model, a.flatten(1), None, False)
 
 
-def _cache_key(settings, teacher):
-    return {"from_conv": settings["from_conv"], "cache_seed": settings["cache_seed"], "teacher": teacher}
+def bottom_fingerprint(model, split):
+    """SHA-256 of the frozen layers' parameters and batch-norm statistics: the cached features
+    are those of these exact weights (a run trained on after a fine-tuning caches anew)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if name.startswith(tuple(f"{m}.{i}." for m in ("convs", "conv_bns") for i in range(split))):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_key(model, settings, teacher):
+    return {"from_conv": settings["from_conv"], "cache_seed": settings["cache_seed"], "teacher": teacher,
+            "bottom": bottom_fingerprint(model, settings["from_conv"])}
 
 
 @torch.no_grad()
@@ -108,7 +121,7 @@ def build_cache(model, teacher, teacher_name, xtr, xte, cfg, settings, path, log
     next pass); returns the cache dict."""
     from models.train import augment, teacher_output
     split, passes = settings["from_conv"], settings["passes"]
-    key = _cache_key(settings, teacher_name)
+    key = _cache_key(model, settings, teacher_name)
     cache = None
     if path.is_file():
         cache = torch.load(path, map_location="cpu", weights_only=True)

@@ -10,7 +10,7 @@ from models.data import load_dataset
 from models.export import export
 from models.qmd import load_qmd
 from models.reference import accuracy
-from models.top_finetune import CACHE_FILE
+from models.top_finetune import CACHE_FILE, bottom_fingerprint
 from models.train import _load_data, evaluate, load_checkpoint, train
 from qnnfab.errors import QnnfabError
 
@@ -82,7 +82,17 @@ def test_top_finetune_cache_extends_with_the_same_random_stream(tiny_pair, monke
     monkeypatch.setitem(entry, "top_finetune", dict(TOP, epochs=1, swa_from=0))
     train("tiny_bnn", run_dir=run, seed=3, progress=False, teacher_dir=teacher_dir)
     two = torch.load(run / CACHE_FILE, weights_only=True)
-    assert len(two["train"]) == 2 and two["key"] == {"from_conv": 4, "cache_seed": 1, "teacher": "tiny_float"}
+    assert len(two["train"]) == 2
+    assert two["key"] | {"bottom": None} == {"from_conv": 4, "cache_seed": 1, "teacher": "tiny_float", "bottom": None}
+    # the key names the frozen weights: a change below from_conv changes it, one above does not
+    model = nets.build_model(nets.model_config("tiny_bnn"))
+    model.load_state_dict(load_checkpoint(run / "ckpt.pt")["train_model"])
+    assert bottom_fingerprint(model, 4) == two["key"]["bottom"]
+    with torch.no_grad():
+        model.convs[4].weight.neg_()
+        assert bottom_fingerprint(model, 4) == two["key"]["bottom"]
+        model.conv_bns[3].running_mean.add_(1)
+        assert bottom_fingerprint(model, 4) != two["key"]["bottom"]
     monkeypatch.setitem(entry, "top_finetune", dict(TOP, epochs=1, swa_from=0, passes=3))
     train("tiny_bnn", run_dir=run, seed=3, progress=False, teacher_dir=teacher_dir)
     three = torch.load(run / CACHE_FILE, weights_only=True)
