@@ -15,9 +15,9 @@ with ``swa``):
    epoch costs the last two convolutions and the dense layers only (23-29 s on one CPU thread
    for bnn_cifar, against 140-377 s measured for a distilled epoch of the whole network with two).
 2. Fine-tune. Convolutions ``s ..`` and the dense layers train for ``E`` epochs (Adam, cosine
-   learning rate from ``r`` to 0, latent weights clipped, no weight decay; torch RNG seeded
-   ``a``) on the KL divergence to the cached teacher logits (ReActNet's distributional loss,
-   the recipe's ``distill`` temperature and weight); each epoch every training image appears
+   learning rate from ``r`` to 0, latent weights clipped, the recipe's weight decay on the other
+   parameters as in training; torch RNG seeded ``a``) on the KL divergence to the cached teacher
+   logits (ReActNet's distributional loss, the recipe's ``distill`` temperature and weight); each epoch every training image appears
    once, its features drawn from a random one of the ``K`` passes.
 3. Average. The parameters at the end of every (0-based) epoch from ``f`` on are averaged
    (stochastic weight averaging); the average's batch norms then get precise statistics
@@ -76,26 +76,27 @@ def validate_top_finetune(model_name, cfg):
         raise QnnfabError(f"{where}: lr must be > 0, got {d['lr']!r}")
 
 
-def bottom_features(model, x, split):
-    """The frozen first ``split`` convolutions of CNV ``model`` on uint8 images ``x``: -1/+1
-    activations after the pooling that follows conv ``split - 1``, NCHW (as the next conv takes them)."""
-    q = x.to(torch.float32).permute(0, 3, 1, 2)
-    a = (q - model.in_zero) / model.in_scale
-    for i in range(split):
+def _run_convs(model, a, start, stop):
+    """Convolutions ``start .. stop-1`` of CNV ``model`` (conv, batch norm, activation, and the
+    pooling that follows those in ``pool_after``) on NCHW activations ``a``, as CNV.forward runs them."""
+    for i in range(start, stop):
         a = model.act(model.conv_bns[i](model.convs[i](a)))
         if i in model.pool_after:
             a = F.max_pool2d(a, 2, 2)
     return a
 
 
+def bottom_features(model, x, split):
+    """The frozen first ``split`` convolutions of CNV ``model`` on uint8 images ``x``: -1/+1
+    activations after the pooling that follows conv ``split - 1``, NCHW (as the next conv takes them)."""
+    q = x.to(torch.float32).permute(0, 3, 1, 2)
+    return _run_convs(model, (q - model.in_zero) / model.in_scale, 0, split)
+
+
 def top_forward(model, a, split):
     """CNV ``model``'s float logits from the activations ``a`` that :func:`bottom_features` gives."""
     from models.nets import _dense_head
-    for i in range(split, len(model.convs)):
-        a = model.act(model.conv_bns[i](model.convs[i](a)))
-        if i in model.pool_after:
-            a = F.max_pool2d(a, 2, 2)
-    return _dense_head(model, a.flatten(1), None, False)
+    return _dense_head(model, _run_convs(model, a, split, len(model.convs)).flatten(1), None, False)
 
 
 def bottom_fingerprint(model, split):
@@ -119,7 +120,7 @@ def build_cache(model, teacher, teacher_name, xtr, xte, cfg, settings, path, log
     """Cache the frozen layers' features and the teacher's flip-averaged logits (see the module
     docstring, step 1) in ``path``, one training pass at a time (a run cut short resumes at its
     next pass); returns the cache dict."""
-    from models.train import augment, teacher_output
+    from models.train import _save_atomic, augment, teacher_output
     split, passes = settings["from_conv"], settings["passes"]
     key = _cache_key(model, settings, teacher_name)
     cache = None
@@ -150,9 +151,7 @@ def build_cache(model, teacher, teacher_name, xtr, xte, cfg, settings, path, log
             cache["train"].append(torch.cat(feats))
             cache["teacher"].append(torch.cat(logits).half())
             cache["rng_state"] = torch.get_rng_state()
-            tmp = path.with_suffix(".tmp")
-            torch.save(cache, tmp)
-            tmp.replace(path)
+            _save_atomic(cache, path)
             log(f"top_finetune: training pass {len(cache['train'])}/{passes} cached in {time.time() - t0:.1f} s")
     return cache
 
@@ -161,7 +160,7 @@ def finetune(model, cache, ytr, yte, cfg, settings, log=print):
     """Steps 2 and 3 of the module docstring on ``model`` (changed in place: the averaged,
     precise-batch-norm result); returns the per-epoch history and the final test accuracy."""
     from models.quant import clip_latent_weights
-    from models.train import distill_loss
+    from models.train import _make_optimizer, distill_loss, recompute_bn_statistics, swa_update
     split, n_pass = settings["from_conv"], settings["passes"]
     train = torch.stack(cache["train"][:n_pass])
     teach = torch.stack(cache["teacher"][:n_pass])
@@ -182,12 +181,7 @@ def finetune(model, cache, ytr, yte, cfg, settings, log=print):
         model.train()
         return correct / len(yte)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    latent = [m.weight for m in model.modules() if getattr(m, "latent_clipped", False) and m.weight.requires_grad]
-    ids = {id(p) for p in latent}
-    opt = torch.optim.Adam([{"params": latent, "weight_decay": 0.0},
-                            {"params": [p for p in trainable if id(p) not in ids], "weight_decay": 0.0}],
-                           lr=settings["lr"])
+    opt = _make_optimizer(model, cfg)     # the frozen layers get no gradient, so Adam leaves them
     history, average, count = [], None, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings["seed"])
@@ -210,10 +204,7 @@ def finetune(model, cache, ytr, yte, cfg, settings, log=print):
                 clip_latent_weights(model)
                 tot += loss.item()
             if ep >= settings["swa_from"]:
-                cur = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-                average = cur if average is None else {k: average[k] + (cur[k] - average[k]) / (count + 1)
-                                                       for k in cur}
-                count += 1
+                average, count = swa_update(average, count, model), count + 1
             acc = evaluate()
             history.append({"epoch": ep + 1, "lr": lr, "loss": tot / (n // bs), "test_accuracy": acc,
                             "seconds": round(time.time() - t0, 2)})
@@ -223,14 +214,9 @@ def finetune(model, cache, ytr, yte, cfg, settings, log=print):
         for k, v in model.named_parameters():
             if k in average:
                 v.copy_(average[k])
-        for bn in top_bns:                  # precise statistics of the average, over the first pass
-            bn.reset_running_stats()
-            bn.momentum = None
-        model.train()
-        for i in range(0, n, bs):
-            top_forward(model, train[0, i:i + bs].float() * 2 - 1, split)
-        for bn in top_bns:
-            bn.momentum = 0.1
+        # precise statistics of the average, over the first cached pass
+        recompute_bn_statistics(model, top_bns, lambda: [top_forward(model, train[0, i:i + bs].float() * 2 - 1, split)
+                                                         for i in range(0, n, bs)])
     model.requires_grad_(True)
     return history, evaluate(), count
 
@@ -248,7 +234,7 @@ def apply_top_finetune(model_name, model, ck, cfg, xtr, ytr, xte, yte, run_dir, 
     t0 = time.time()
     base = {k: v.clone() for k, v in ck.get("train_model", ck["model"]).items()}
     model.load_state_dict(ck["model"] if not done else base)
-    before = ck["history"][-1]["test_accuracy"]
+    before = (ck.get("precise_bn") or ck["history"][-1])["test_accuracy"]   # of the model it starts from
     teacher, _ = load_teacher(cfg["distill"]["teacher"], teacher_dir)
     log(f"{model_name}: top fine-tuning from conv{settings['from_conv']} on, teacher {cfg['distill']['teacher']} "
         f"(flip-averaged), {settings['passes']} cached training passes, {settings['epochs']} epochs")

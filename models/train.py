@@ -286,6 +286,23 @@ def swa_update(average, count, model):
 
 
 @torch.no_grad()
+def recompute_bn_statistics(model, bns, run_batches):
+    """Replace the running mean and variance of the batch norms ``bns`` (modules of ``model``) by
+    their equal-weight average over the training-mode forward passes that ``run_batches()`` makes;
+    ``model``'s mode and the batch norms' momenta are restored afterwards."""
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None                  # cumulative: every batch weighs the same
+    model.train()
+    run_batches()
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+
+
+@torch.no_grad()
 def precise_batch_norm(model, x, cfg, images, seed):
     """Set the running mean and variance of every batch norm of ``model`` to their equal-weight
     average over the training-mode forward passes of the first ``images`` uint8 images of ``x``
@@ -294,20 +311,15 @@ def precise_batch_norm(model, x, cfg, images, seed):
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return 0
-    was_training, device = model.training, next(model.parameters()).device
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None                  # cumulative: every batch weighs the same
-    model.train()
-    bs = cfg["batch_size"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, min(images, len(x)), bs):
-            model(augment(x[i:min(i + bs, images)], cfg).to(device))
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    model.train(was_training)
+    device, bs = next(model.parameters()).device, cfg["batch_size"]
+
+    def run_batches():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for i in range(0, min(images, len(x)), bs):
+                model(augment(x[i:min(i + bs, images)], cfg).to(device))
+
+    recompute_bn_statistics(model, bns, run_batches)
     return len(bns)
 
 
